@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 Distance = Callable[[Tensor], Tensor]
 
-__all__ = ["Distance", "awing_distance", "get_distance", "l1", "l2", "smoothl1", "wing", "DISTANCES"]
+__all__ = ["DISTANCES", "Distance", "awing_distance", "get_distance", "l1", "l2", "smoothl1", "wing"]
 
 
 def l1(x: Tensor) -> Tensor:

@@ -1,12 +1,52 @@
-"""The ``flare`` command line (Typer). Each sub-command is a thin shell over a library function."""
+"""The ``flare`` command line (Typer). Each command is a thin shell over a library function; expected
+failures (bad spec, bad data, missing model) end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
 import flare
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and tune facial-landmark detectors.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, pull, promote.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from flare.datasets.ingest import ManifestError
+    from flare.datasets.prepare import PrepareError
+    from flare.datasets.records import DataError
+    from flare.platform.config import ConfigError
+
+    return (ConfigError, DataError, ManifestError, PrepareError, FileExistsError, FileNotFoundError, KeyError,
+            ValueError)
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors into ``error: <one line>`` and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except _expected_errors() as err:
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
 
 
 @app.command()
@@ -15,9 +55,101 @@ def version() -> None:
     typer.echo(flare.__version__)
 
 
+# ---------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+@one_line_errors
+def data_prepare(
+    fmt: Annotated[str, typer.Option("--format", help="wflw|300w|cofw|adnet|synthetic")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (created atomically)")],
+    root: Annotated[Optional[Path], typer.Option("--root", help="dataset root in its original layout")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    on_error: Annotated[str, typer.Option("--on-error", help="fail|skip")] = "fail",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset whole")] = False,
+    count: Annotated[int, typer.Option("--count", help="synthetic faces to generate")] = 600,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="process in this process, without Ray")] = False,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray address (default: local)")] = None,
+) -> None:
+    """Convert a benchmark (or synthetic faces) into Parquet shards + manifest.json."""
+    from flare.datasets.prepare import PrepareOptions, prepare
+
+    if fmt != "synthetic" and root is None:
+        raise ValueError("--root is required for --format " + fmt)
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"--on-error must be fail or skip, got {on_error!r}")
+    if not no_ray:
+        from flare.platform.ray_cluster import ensure_ray
+
+        ensure_ray(address)
+    manifest = prepare(fmt, root or Path("."), out, PrepareOptions(val_fraction=val_fraction, seed=seed,
+                       on_error=on_error), engine="local" if no_ray else "ray", overwrite=overwrite,
+                       synthetic_count=count, log=typer.echo)
+    typer.echo(json.dumps(manifest["counts"], sort_keys=True))
+    if manifest["skipped"]:
+        typer.echo(f"skipped {len(manifest['skipped'])} items (listed in {out / 'manifest.json'})")
+
+
+@data_app.command("inspect")
+@one_line_errors
+def data_inspect(
+    directory: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    png: Annotated[Optional[Path], typer.Option("--png", help="grid image path")] = None,
+    n: Annotated[int, typer.Option("--n", help="samples in the grid")] = 16,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Print counts and write a PNG grid of random samples with landmarks and edge heatmaps."""
+    from flare.datasets.inspect import inspect_dataset
+
+    counts, path = inspect_dataset(directory, png, n, seed)
+    typer.echo(json.dumps(counts, sort_keys=True, indent=1))
+    typer.echo(f"grid: {path}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+@one_line_errors
+def train(
+    job_file: Annotated[Path, typer.Argument(help="job spec YAML (jobs/*.yaml)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a.b=value (repeatable)")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="auto | ray://HOST:10001")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue")] = None,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="single process without Ray or MLflow")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="--no-ray output directory")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
+    storage: Annotated[Optional[Path], typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
+) -> None:
+    """Train a job spec on Ray Train (or in one process with --no-ray)."""
+    from flare.platform.config import load_job
+
+    job = load_job(job_file, set_ or [])
+    if no_ray:
+        from flare.platform.ray_train import check_job
+        from flare.platform.train_loop import train_local
+
+        check_job(job)
+        out = run_dir or Path("runs") / f"{job.name}-local"
+        session = train_local(job, out, device=device, resume=resume is not None)
+        last = session.reports[-1] if session.reports else {}
+        typer.echo(f"done: {len(session.reports)} epochs, last val_nme={last.get('val_nme')}, metrics in "
+                   f"{out / 'metrics.jsonl'}")
+        return
+    from flare.platform.ray_train import train as ray_train
+
+    outcome = ray_train(job, address=address, storage=storage, resume=resume, log=typer.echo)
+    typer.echo(json.dumps({"run_id": outcome.run_id, "best": outcome.best_metrics,
+                           "registered_version": outcome.registered_version}, sort_keys=True))
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,333 @@
+"""``flare data prepare``: original benchmark formats -> Parquet shards + ``manifest.json`` (issue 3).
+
+Per face: a loose crop (JPEG), landmarks in crop pixels, the crop -> source matrix, the boundary
+heatmaps (method.md 7.1) and the label-smoothing covariance Sigma_M (method.md 6.3), computed once.
+Row order, shard bytes and the manifest depend only on the inputs and the seed, never on the
+parallelism (Ray Data with ``preserve_order``), so two prepares give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from flare.datasets.records import DataError, FaceRecord, crop_center_scale
+from flare.datasets.shards import CANONICAL, EDGE_SIZE, IMAGE_SIZE, LOOSE_FACTOR, SCHEMA_VERSION, row_schema
+from flare.datasets.targets import edge_heatmaps
+from flare.losses.smoothing import landmark_covariance
+from flare.models.layouts import Layout, get_layout
+
+ROWS_PER_SHARD = 512
+JPEG_QUALITY = 95
+SPLITS = ("train", "val", "test")
+
+
+class PrepareError(RuntimeError):
+    """A face failed with ``--on-error fail``; the message is the one-line reason naming its file."""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Options of one prepare run (recorded in the manifest)."""
+
+    val_fraction: float = 0.1
+    seed: int = 0
+    on_error: str = "fail"  # "fail" | "skip"
+    smoothing_k: int = 7
+    rows_per_shard: int = ROWS_PER_SHARD
+
+
+def assign_validation(records: Sequence[FaceRecord], fraction: float, seed: int) -> list[str]:
+    """Split labels with a validation split carved from train, grouped by source image
+    (method.md 9.6): faces of one image never straddle train/val. Deterministic in ``seed``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    groups = sorted({r.group for r in records if r.split == "train"})
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    n_val = int(round(fraction * len(groups)))
+    if fraction > 0 and len(groups) > 1:
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    val_groups = {groups[i] for i in order[:n_val]}
+    return ["val" if (r.split == "train" and r.group in val_groups) else r.split for r in records]
+
+
+def loose_crop_matrix(center: np.ndarray, scale: float) -> np.ndarray:
+    """Source px -> loose-crop px (3x3): the canonical box (side 200*scale, method.md 1.2) maps to the
+    central CANONICAL px of an IMAGE_SIZE crop, so the crop holds LOOSE_FACTOR x the face box."""
+    s = IMAGE_SIZE / (200.0 * scale * LOOSE_FACTOR)
+    c = (IMAGE_SIZE - 1) / 2.0
+    return np.array([[s, 0.0, c - s * center[0]], [0.0, s, c - s * center[1]], [0.0, 0.0, 1.0]])
+
+
+def warp_loose_crop(image: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Resample ``image`` with the similarity ``m`` to IMAGE_SIZE^2 (bilinear, border 0). Strong
+    downscales are first area-reduced by an integer factor so the crop does not alias."""
+    factor = int(np.floor(1.0 / m[0, 0])) if m[0, 0] < 0.5 else 1
+    if factor > 1:
+        h, w = image.shape[:2]
+        image = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+        # P' = (P + 0.5)/f - 0.5 in pixel-centre coordinates
+        shrink = np.array([[1 / factor, 0, 0.5 / factor - 0.5], [0, 1 / factor, 0.5 / factor - 0.5], [0, 0, 1]])
+        m = m @ np.linalg.inv(shrink)
+    return cv2.warpAffine(
+        image, m[:2], (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+def smoothing_covariance(edges: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
+    """Sigma_M per landmark (method.md 6.3) in loose-crop px^2, from the single-channel edge map
+    (max over groups) at EDGE_SIZE. Heatmap px follow the STAR grid j = (2p+1)(W-1)/(2S) (1.3)."""
+    w = edges.shape[-1]
+    to_hm = (w - 1) / IMAGE_SIZE
+    e = torch.from_numpy(edges.max(axis=0).astype(np.float32)[None])
+    pts_hm = torch.from_numpy(((2 * points + 1) * (w - 1) / (2 * IMAGE_SIZE)).astype(np.float32)[None])
+    cov_hm = landmark_covariance(e, pts_hm, k=k)[0].numpy()
+    return (cov_hm / to_hm**2).astype(np.float32)
+
+
+def process_record(record: FaceRecord, split: str, layout: Layout, k: int) -> dict[str, Any]:
+    """One face -> one shard row (the dict of :func:`row_schema` columns). Raises DataError."""
+    image = record.load_image()
+    center, scale = crop_center_scale(record)
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(record.source, None, f"degenerate face box (scale={scale})")
+    m = loose_crop_matrix(np.asarray(center, dtype=np.float64), float(scale))
+    crop = warp_loose_crop(image, m)
+    pts = record.landmarks @ m[:2, :2].T + m[:2, 2]
+    if pts.shape != (layout.num_points, 2) or not np.all(np.isfinite(pts)):
+        raise DataError(record.source, None, f"expected {layout.num_points} finite points, got {pts.shape}")
+    edges = edge_heatmaps(pts, layout, size=IMAGE_SIZE, out=EDGE_SIZE)
+    edges_u8 = np.clip(np.rint(edges * 255.0), 0, 255).astype(np.uint8)
+    cov = smoothing_covariance(edges_u8.astype(np.float32) / 255.0, pts, k)
+    ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise DataError(record.source, None, "JPEG encoding of the crop failed")
+    occ = record.occlusion if record.occlusion is not None else np.zeros(0, np.uint8)
+    return {
+        "sample_id": record.sample_id,
+        "dataset": record.dataset,
+        "split": split,
+        "subsets": list(record.subsets),
+        "source": record.source,
+        "group": record.group,
+        "image": jpeg.tobytes(),
+        "image_size": IMAGE_SIZE,
+        "landmarks": pts.astype(np.float32).ravel().tolist(),
+        "matrix": np.linalg.inv(m).ravel().tolist(),
+        "box": np.asarray(record.box, np.float32).ravel().tolist(),
+        "attributes": json.dumps({k2: int(v) for k2, v in sorted(record.attributes.items())}),
+        "occlusion": np.asarray(occ, np.uint8).ravel().tolist(),
+        "edges": edges_u8.tobytes(),
+        "cov": cov.ravel().tolist(),
+    }
+
+
+def _process_batch(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> list[dict]:
+    """Rows for a batch; a failing face becomes a row whose ``error`` names its file, so the driver
+    decides between fail and skip. Good rows have ``error = None``."""
+    out = []
+    for rec, split in zip(records, splits):
+        try:
+            row = process_record(rec, split, layout, k)
+            row["error"] = None
+        except DataError as err:
+            row = {"sample_id": rec.sample_id, "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - any per-image failure is reported with its file
+            row = {"sample_id": rec.sample_id, "error": f"{rec.source}: {type(err).__name__}: {err}"}
+        out.append(row)
+    return out
+
+
+def _batch_schema() -> pa.Schema:
+    return row_schema().append(pa.field("error", pa.string()))
+
+
+def _rows_local(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> Iterator[dict]:
+    for i in range(0, len(records), 16):
+        yield from _process_batch(records[i : i + 16], splits[i : i + 16], layout, k)
+
+
+def _rows_ray(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> Iterator[dict]:
+    """Parallel over images with Ray Data, yielded in input order (``preserve_order``)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    recs_ref = ray.put(list(records))
+    schema = _batch_schema()
+
+    def fn(batch: dict[str, np.ndarray]) -> pa.Table:
+        recs = ray.get(recs_ref)
+        idx = [int(i) for i in batch["idx"]]
+        rows = _process_batch([recs[i] for i in idx], [splits[i] for i in idx], layout, k)
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    ds = ray.data.from_items([{"idx": i} for i in range(len(records))]).map_batches(fn, batch_size=8)
+    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Writes rows of one split into rolling shards ``<split>-NNNNN.parquet`` in order."""
+
+    def __init__(self, out: Path, split: str, rows_per_shard: int) -> None:
+        self.out, self.split, self.rows_per_shard = out, split, rows_per_shard
+        self.buffer: list[dict] = []
+        self.shards: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        table = pa.Table.from_pylist(self.buffer, schema=row_schema())
+        pq.write_table(table, self.out / name, compression="zstd", write_statistics=False)
+        self.shards.append({"path": name, "split": self.split, "rows": len(self.buffer), "sha256": ""})
+        self.buffer = []
+
+
+def write_dataset(
+    records: Sequence[FaceRecord],
+    out: Path,
+    layout: Layout,
+    options: PrepareOptions,
+    source: dict[str, Any],
+    skipped: Iterable[tuple[str, str]] = (),
+    engine: str = "ray",
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Process ``records`` and write shards + manifest atomically into ``out`` (temp dir, rename).
+
+    Refuses an existing ``out`` unless ``overwrite``; on failure nothing that looks like a dataset is left.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
+    if options.on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {options.on_error!r}")
+    skipped_list = [{"item": str(a), "reason": str(b)} for a, b in skipped]
+    if skipped_list and options.on_error == "fail":
+        raise DataError(skipped_list[0]["item"], None, skipped_list[0]["reason"])
+    splits = assign_validation(records, options.val_fraction, options.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writers = {s: _ShardWriter(tmp, s, options.rows_per_shard) for s in SPLITS}
+        rows = (_rows_ray if engine == "ray" else _rows_local)(records, splits, layout, options.smoothing_k)
+        counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
+        for row in rows:
+            error = row.pop("error", None)
+            if error is not None:
+                if options.on_error == "fail":
+                    raise PrepareError(error)
+                skipped_list.append({"item": row["sample_id"], "reason": error})
+                continue
+            writers[row["split"]].add(row)
+            counts[row["split"]]["all"] += 1
+            for sub in row["subsets"]:
+                counts[row["split"]][sub] += 1
+        shards = []
+        for w in writers.values():
+            w.flush()
+            for shard in w.shards:
+                shard["sha256"] = _sha256(tmp / shard["path"])
+            shards.extend(w.shards)
+        if not shards:
+            raise DataError(str(source.get("root", "?")), None, "no faces were prepared")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": layout.name,
+            "num_points": layout.num_points,
+            "num_edges": layout.num_edges,
+            "image_size": IMAGE_SIZE,
+            "canonical_size": CANONICAL,
+            "edge_size": EDGE_SIZE,
+            "source": source,
+            "options": {"val_fraction": options.val_fraction, "seed": options.seed, "on_error": options.on_error,
+                        "smoothing_k": options.smoothing_k},
+            "counts": {s: dict(sorted(c.items())) for s, c in counts.items() if c},
+            "shards": shards,
+            "skipped": skipped_list,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out, overwrite)
+        log(f"wrote {sum(s['rows'] for s in shards)} faces in {len(shards)} shards to {out}")
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` into place; an old dataset is replaced whole, never mixed."""
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def prepare(
+    fmt: str,
+    root: Path,
+    out: Path,
+    options: PrepareOptions = PrepareOptions(),
+    engine: str = "ray",
+    overwrite: bool = False,
+    synthetic_count: int = 600,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Read a benchmark in its original format (or generate synthetic faces) and write the shards."""
+    from flare.datasets.readers import read_dataset
+    from flare.datasets.synthetic import generate_synthetic
+
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
+    if fmt == "synthetic":
+        records = generate_synthetic(synthetic_count, layout_points=68, seed=options.seed)
+        skipped: list[tuple[str, str]] = []
+    else:
+        result = read_dataset(fmt, Path(root), on_error=options.on_error)
+        records, skipped = list(result.records), list(result.skipped)
+    if not records:
+        raise DataError(str(root), None, "no faces found")
+    n_points = {r.landmarks.shape[0] for r in records}
+    if len(n_points) != 1:
+        raise DataError(str(root), None, f"mixed landmark counts {sorted(n_points)}")
+    layout = get_layout(n_points.pop())
+    source = {"format": fmt, "root": str(root) if fmt != "synthetic" else "synthetic", "synthetic": fmt == "synthetic"}
+    if fmt == "synthetic":
+        source["count"] = synthetic_count
+    return write_dataset(records, Path(out), layout, options, source, skipped, engine, overwrite, log)

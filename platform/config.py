@@ -1,0 +1,251 @@
+"""Job specs: YAML files validated by typed config models (issue 4).
+
+Each section is a small pydantic model with ``extra="forbid"``, so an unknown key or a wrong type is
+an error that names the key. ``--set a.b=value`` overrides any field (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job spec problem; ``str()`` is one line naming the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Which prepared dataset to read and how to crop it (issue 3 manifests)."""
+
+    manifest: str = Field(description="path to a manifest.json written by `flare data prepare`")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_train_samples: int | None = Field(None, ge=1, description="use only the first N training faces")
+    max_val_samples: int | None = Field(None, ge=1, description="use only the first N validation faces")
+    input_size: int = Field(256, ge=64, le=256, description="crop side S in px; heatmaps are S/4")
+    augment: bool = Field(True, description="STAR augmentation (method.md 8.2) on training samples")
+
+
+class ModelConfig(_Section):
+    """Stacked hourglass with AAM (method.md 3)."""
+
+    stacks: int = Field(4, ge=1, le=8)
+    channels: int = Field(256, ge=8)
+    depth: int = Field(4, ge=1, le=5)
+    aam: bool = True
+    heatmap_activation: Literal["in_relu", "none"] | None = Field(
+        None, description="None picks the objective's: in_relu for star/l2/smoothl1, none for rwsa (3.5)"
+    )
+    fusion: Literal["multiply", "none", "log_add"] = "multiply"
+
+
+class StarConfig(_Section):
+    """STAR loss knobs (method.md 4)."""
+
+    w: float = Field(1.0, ge=0)
+    distance: Literal["l1", "l2", "smoothl1", "wing", "awing"] = "smoothl1"
+    s: float = Field(0.01, gt=0, description="smooth-l1 knee in normalised units")
+    restriction: Literal["value", "detach", "none"] = "value"
+    value_form: Literal["sum_abs", "half_sum"] = "sum_abs"
+    variant: Literal["v1", "v2"] = "v2"
+
+
+class RwsaConfig(_Section):
+    """RwSA loss knobs (method.md 5)."""
+
+    alpha: float = Field(1.0, ge=0)
+    epsilon: float = Field(1.0, gt=0)
+    lam: float = Field(5000.0, ge=0, description="lambda of L_AWing + lambda * L_ours (Eq. A14)")
+    margin: Literal["smoothl1", "l1", "l2"] = "smoothl1"
+    reduction: Literal["pixel_mean", "landmark_mean"] = "pixel_mean"
+    target: Literal["bilinear", "nearest"] = "bilinear"
+
+
+class SmoothingConfig(_Section):
+    """Image-aware label smoothing (method.md 6); used by the rwsa objective."""
+
+    enabled: bool = True
+    gamma: float = Field(0.01, gt=0)
+    samples: int = Field(10, ge=1)
+    k: int = Field(7, ge=1, description="patch half-size; fixed at prepare time, checked against the manifest")
+
+
+class ObjectiveConfig(_Section):
+    """The training objective and all its weights (method.md 4.8, 5.8)."""
+
+    name: Literal["star", "rwsa", "l2", "smoothl1"] = "star"
+    star: StarConfig = StarConfig()
+    rwsa: RwsaConfig = RwsaConfig()
+    smoothing: SmoothingConfig = SmoothingConfig()
+    awing_point_weight: float = Field(10.0, ge=0)
+    awing_edge_weight: float = Field(10.0, ge=0)
+    dr_weight: float = Field(0.0, ge=0, description="JS distribution regulariser (STAR ablation)")
+
+
+class OptimizerConfig(_Section):
+    """Adam with MultiStep milestones (method.md 4.11, 5.10)."""
+
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    milestones: list[int] = [200, 350, 450]
+    gamma: float = Field(0.1, gt=0)
+    epochs: int = Field(500, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size, split over workers")
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class EmaConfig(_Section):
+    """EMA of weights and float buffers; decay 0.5^(128/10000) per step (method.md 4.11)."""
+
+    enabled: bool = True
+    decay: float = Field(0.5 ** (128 / 10000), gt=0, lt=1)
+
+
+class ScalingConfig(_Section):
+    """Ray Train scaling: workers, GPUs and CPUs per worker."""
+
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class CheckpointConfig(_Section):
+    """Keep the best k checkpoints by val NME plus the latest."""
+
+    keep_best: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+
+
+class MlflowConfig(_Section):
+    """Tracking: URI (default sqlite under ./mlruns), experiment and registered model name."""
+
+    tracking_uri: str | None = None
+    experiment: str = "flare"
+    registered_model: str | None = None
+
+
+class JobConfig(_Section):
+    """A training job: one YAML file under ``jobs/``."""
+
+    name: str = "job"
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    ema: EmaConfig = EmaConfig()
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    decode: Literal["auto", "softargmax", "argmax", "argmax_refine"] = Field(
+        "auto", description="auto: soft-argmax for star/l2/smoothl1; argmax+refine for rwsa, both reported"
+    )
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("name must be non-empty without slashes or spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divisible(self) -> JobConfig:
+        if self.optimizer.batch_size % self.scaling.workers:
+            raise ValueError(
+                f"optimizer.batch_size={self.optimizer.batch_size} is not divisible by scaling.workers="
+                f"{self.scaling.workers}"
+            )
+        return self
+
+    @property
+    def heatmap_activation(self) -> str:
+        """The activation in effect: the explicit one, else the objective's (method.md 3.5)."""
+        if self.model.heatmap_activation is not None:
+            return self.model.heatmap_activation
+        return "none" if self.objective.name == "rwsa" else "in_relu"
+
+    def flat(self) -> dict[str, Any]:
+        """The flattened config (``a.b.c`` keys) for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"{source}: bad key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source}: {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_job(raw: dict[str, Any], source: str = "<job>") -> JobConfig:
+    """Validate a nested dict into a :class:`JobConfig`; errors are one line naming the key."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file (and line for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job spec must be a YAML mapping")
+    return raw
+
+
+def load_job(path: Path, overrides: list[str] | None = None) -> JobConfig:
+    """Load ``path``, apply ``--set`` overrides and validate. Relative data paths stay as written."""
+    raw = apply_overrides(load_yaml(path), overrides or [], source=str(path))
+    return parse_job(raw, source=str(path))

@@ -1,0 +1,28 @@
+"""Connecting to Ray: an embedded local Ray by default, or a cluster by address.
+
+Local Ray binds its dashboard to 127.0.0.1 and keeps token authentication as Ray configures it
+(never disabled here). Ray's own log noise is kept down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """``ray.init`` once: local when ``address`` is None, else connect (``auto`` or ``ray://host:10001``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    kwargs = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False

@@ -1,0 +1,237 @@
+"""``flare train``: a job spec on Ray Train (V2 API) with MLflow tracking and registry (issue 4).
+
+The driver validates everything before any worker starts (spec, manifest, layout), opens one MLflow
+run, runs :func:`flare.platform.train_loop.train_worker` on a ``TorchTrainer`` (gloo on CPU, nccl on
+GPU; restarts from the latest checkpoint on worker failure) and finally logs and registers the
+validation-selected model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flare.datasets.ingest import Manifest, load_manifest, ray_dataset
+from flare.platform.checkpoints import load_checkpoint
+from flare.platform.config import ConfigError, JobConfig
+from flare.platform.train_loop import VAL_METRIC, build_model, train_worker
+
+
+class RaySession:
+    """A worker inside Ray Train: dataset shards, DDP, ``ray.train.report``, MLflow on rank 0."""
+
+    def __init__(self, job: JobConfig, tracking_uri: str | None, run_id: str | None,
+                 resume_from: str | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.job, self.resume_from = job, resume_from
+        self.logger = None
+        if self.rank == 0 and tracking_uri and run_id:
+            from flare.platform.tracking import EpochLogger
+
+            self.logger = EpochLogger(tracking_uri, run_id, key=VAL_METRIC)
+
+    def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_seed=self.job.seed * 100003 + epoch):
+            yield batch.to_pylist()
+
+    def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
+        import ray.train
+
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
+                                                                      batch_format="pyarrow"):
+            yield batch.to_pylist()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
+
+    def restore_dir(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            return Path(ckpt.to_directory())
+        return Path(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        if self.logger is not None:
+            self.logger.log(metrics, int(metrics["epoch"]))
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def _ray_entry(config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    from flare.platform.config import parse_job
+
+    job = parse_job(config["job"])
+    session = RaySession(job, config.get("tracking_uri"), config.get("run_id"), config.get("resume_from"))
+    train_worker(config["job"], session)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run produced."""
+
+    run_id: str | None
+    best_checkpoint: Path
+    best_metrics: dict[str, Any]
+    registered_version: str | None
+    storage: Path
+    history: list[dict[str, Any]]
+
+
+def check_job(job: JobConfig) -> Manifest:
+    """Everything that can be checked before a worker starts: manifest, splits, layout vs model."""
+    manifest = load_manifest(job.data.manifest)
+    for split in (job.data.train_split, job.data.val_split):
+        manifest.shard_paths(split)
+    layout = manifest.layout
+    if job.model.aam and layout.num_edges == 0:
+        raise ConfigError(f"{manifest.path}: layout {layout.name} has no boundary groups; set model.aam=false")
+    if job.objective.name == "rwsa" and job.heatmap_activation != "none":
+        raise ConfigError("model.heatmap_activation: rwsa needs raw scores ('none'), got "
+                          f"{job.heatmap_activation!r}")
+    if job.objective.name != "rwsa" and job.heatmap_activation == "none":
+        raise ConfigError(f"model.heatmap_activation: {job.objective.name} needs non-negative maps ('in_relu')")
+    k = manifest.data.get("options", {}).get("smoothing_k")
+    if k is not None and job.objective.name == "rwsa" and k != job.objective.smoothing.k:
+        raise ConfigError(f"objective.smoothing.k={job.objective.smoothing.k} but {manifest.path} was prepared "
+                          f"with k={k}")
+    return manifest
+
+
+def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
+          log=print) -> TrainOutcome:
+    """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
+    interrupted run: it continues from that run's latest checkpoint without redoing finished epochs."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from flare.platform import tracking
+    from flare.platform.ray_cluster import ensure_ray
+
+    manifest = check_job(job)
+    tracking_uri = job.mlflow.tracking_uri or tracking.default_tracking_uri()
+    tracking.setup(tracking_uri, job.mlflow.experiment)
+    storage = Path(storage or Path.cwd() / "runs").resolve()
+    resume_from = None
+    if resume:
+        run = mlflow.get_run(resume)
+        name = run.data.tags.get("flare.ray_run_name")
+        if not name:
+            raise ConfigError(f"--resume {resume}: not a flare training run")
+        resume_from = latest_checkpoint(storage / name)
+        run_id = resume
+        mlflow.start_run(run_id=run_id).__exit__(None, None, None)
+    else:
+        with mlflow.start_run(run_name=job.name) as run:
+            run_id = run.info.run_id
+            name = f"{job.name}-{run_id[:8]}"
+            mlflow.set_tag("flare.ray_run_name", name)
+            mlflow.log_params({k: str(v)[:500] for k, v in job.flat().items()})
+            mlflow.log_dict(job.model_dump(mode="json"), "job.json")
+    ensure_ray(address)
+    datasets = {"train": ray_dataset(manifest, job.data.train_split, job.data.max_train_samples),
+                "val": ray_dataset(manifest, job.data.val_split, job.data.max_val_samples)}
+    trainer = TorchTrainer(
+        _ray_entry,
+        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "resume_from": str(resume_from) if resume_from else None},
+        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_best,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = best_checkpoint(result)
+    with best.as_directory() as d:
+        local = Path(tempfile.mkdtemp(prefix="flare-best-"))
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    outcome = finish_run(job, local, run_id, tracking_uri, log)
+    history = list(result.metrics_dataframe.to_dict("records")) if result.metrics_dataframe is not None else []
+    outcome.storage, outcome.history = storage / name, history
+    del ray
+    return outcome
+
+
+def best_checkpoint(result: Any):
+    """The reported checkpoint with the smallest val NME (never the test set, method.md 9.6)."""
+    cands = [(m.get(VAL_METRIC, float("inf")), c) for c, m in (result.best_checkpoints or [])]
+    if not cands:
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        return result.checkpoint
+    return min(cands, key=lambda t: t[0])[1]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint_*`` directory of a Ray Train run directory (by epoch in state)."""
+    best, best_epoch = None, -1
+    for d in sorted(Path(run_dir).glob("checkpoint_*")):
+        if (d / "state.pt").is_file():
+            state, _ = load_checkpoint(d)
+            if int(state["epoch"]) > best_epoch:
+                best, best_epoch = d, int(state["epoch"])
+    return best
+
+
+def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Model weights chosen on validation: raw or EMA (``AveragedModel`` keys stripped)."""
+    if state.get("weights") == "ema":
+        return {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    return state["model"]
+
+
+def finish_run(job: JobConfig, checkpoint: Path, run_id: str | None, tracking_uri: str | None,
+               log=print) -> TrainOutcome:
+    """Log the selected model of ``checkpoint`` to MLflow (and register it)."""
+    from flare.platform import tracking
+
+    state, meta = load_checkpoint(checkpoint)
+    info = {"epoch": int(state["epoch"]), "val_nme": float(state["val_nme"]), "weights": state["weights"],
+            "decoder": state["decoder"]}
+    version = None
+    if run_id is not None:
+        layout = load_manifest(job.data.manifest).layout
+        model = build_model(job, layout)
+        weights = selected_weights(state)
+        model.load_state_dict(weights)
+        version = tracking.log_flare_model(run_id, model, weights, meta, info, job.mlflow.registered_model,
+                                           job.data.input_size)
+        log(f"model logged to run {run_id}" + (f", registered {job.mlflow.registered_model} v{version}"
+                                               if version else ""))
+    return TrainOutcome(run_id, checkpoint, info, version, checkpoint, [])

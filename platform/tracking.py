@@ -1,0 +1,108 @@
+"""MLflow glue: tracking URI defaults, idempotent per-epoch logging, model logging and registry.
+
+Default store: ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts under ``<cwd>/mlruns/artifacts``;
+``MLFLOW_TRACKING_URI`` or the job spec's ``mlflow.tracking_uri`` override it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EXPORT_ARTIFACT = "model"  # pytorch flavour (pt2 graph) + extra_files/{state.pt, job.json} for our loader
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a sqlite store under ``<cwd>/mlruns``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(cwd or Path.cwd()) / "mlruns"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def setup(tracking_uri: str | None, experiment: str) -> str:
+    """Point MLflow at ``tracking_uri`` (or the default) and make sure ``experiment`` exists, with
+    artifacts next to a sqlite store. Returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+class EpochLogger:
+    """Logs one dict of metrics per epoch into an existing run, at most once per epoch: epochs that
+    the run already holds (a restarted worker redoing work) are skipped."""
+
+    def __init__(self, tracking_uri: str, run_id: str, key: str = "val_nme") -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, key)}
+        self.key = key
+
+    def log(self, metrics: dict[str, Any], epoch: int) -> bool:
+        if epoch in self.logged:
+            return False
+        from mlflow.entities import Metric
+
+        import time
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        # the key metric last: its presence marks the epoch as complete
+        batch.sort(key=lambda m: m.key == self.key)
+        for i in range(0, len(batch), 200):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 200])
+        self.logged.add(epoch)
+        return True
+
+
+class HeatmapExport(nn.Module):
+    """What the MLflow pytorch flavour exports: image (B,3,S,S) -> last-stack loss map (B,N,h,w)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1].fused
+
+
+def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tensor], job: dict[str, Any],
+                    info: dict[str, Any], registered_model: str | None, input_size: int) -> str | None:
+    """Log the model into ``run_id`` with MLflow's pytorch flavour (a pt2 graph of the last-stack
+    heatmaps, which needs an ``input_example``) and, as ``extra_files``, what our own loader needs:
+    weights-only ``state.pt`` and ``job.json`` (job config, layout, selection info). Registers it
+    under ``registered_model`` if given and returns the new version."""
+    import mlflow
+
+    example = np.zeros((1, 3, input_size, input_size), np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        state, meta = Path(tmp) / "state.pt", Path(tmp) / "job.json"
+        torch.save(weights, state)
+        meta.write_text(json.dumps({**job, "info": info}, indent=2, sort_keys=True) + "\n")
+        with mlflow.start_run(run_id=run_id):
+            model_info = mlflow.pytorch.log_model(
+                HeatmapExport(model.eval().cpu()), name=EXPORT_ARTIFACT, input_example=example,
+                extra_files=[str(state), str(meta)], registered_model_name=registered_model,
+            )
+    version = model_info.registered_model_version
+    return None if version is None else str(version)

@@ -1,0 +1,299 @@
+"""The per-worker training loop (issue 4), one readable recipe for every objective.
+
+:func:`train_worker` is what Ray Train runs on each worker; :func:`train_local` runs the very same
+function in one process without Ray (GPU hosts without Ray, unit tests). A :class:`Session` hides
+the difference: where rows come from, how checkpoints are reported and restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from flare.datasets.ingest import BatchBuilder, Manifest, iter_local_rows, load_manifest
+from flare.losses.objectives import build_objective
+from flare.losses.smoothing import sample_smoothing
+from flare.models.decode import argmax_decode, heatmap_px_to_label, label_to_crop, soft_argmax
+from flare.models.hourglass import StackedHourglass, stacked_hourglass
+from flare.models.layouts import Layout
+from flare.models.metrics import evaluate, nme_per_face
+from flare.platform.checkpoints import load_checkpoint, save_checkpoint
+from flare.platform.config import JobConfig, parse_job
+
+VAL_METRIC = "val_nme"
+
+
+class Session(Protocol):
+    """Where a worker's data comes from and where its reports go."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def train_rows(self, epoch: int, batch_size: int) -> Iterable[list[dict]]: ...
+    def val_rows(self, batch_size: int) -> Iterable[list[dict]]: ...
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+    def restore_dir(self) -> Path | None: ...
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(job: JobConfig, layout: Layout) -> StackedHourglass:
+    """The stacked hourglass of the job spec for ``layout`` (method.md 3)."""
+    m = job.model
+    return stacked_hourglass(
+        layout, num_stacks=m.stacks, channels=m.channels, depth=m.depth, input_size=job.data.input_size,
+        aam=m.aam, heatmap_activation=job.heatmap_activation, fusion=m.fusion,
+    )
+
+
+def make_objective(job: JobConfig) -> nn.Module:
+    """The objective of the job spec with all its weights (method.md 4.8, 5.8)."""
+    o = job.objective
+    if o.name == "star":
+        return build_objective("star", w=o.star.w, distance=o.star.distance, restriction=o.star.restriction,
+                               value_form=o.star.value_form, variant=o.star.variant, s=o.star.s,
+                               point=o.awing_point_weight, edge=o.awing_edge_weight, dr=o.dr_weight)
+    if o.name == "rwsa":
+        return build_objective("rwsa", alpha=o.rwsa.alpha, epsilon=o.rwsa.epsilon, lam=o.rwsa.lam,
+                               margin=o.rwsa.margin, reduction=o.rwsa.reduction, target=o.rwsa.target,
+                               point=o.awing_point_weight, edge=o.awing_edge_weight)
+    return build_objective(o.name, point=o.awing_point_weight, edge=o.awing_edge_weight, dr=o.dr_weight)
+
+
+def decoders_for(job: JobConfig) -> list[str]:
+    """Decoders evaluated on validation: soft-argmax for non-negative maps, both argmax variants for
+    RwSA's signed scores (method.md 5.9: never the sum-normalised decoder on signed scores)."""
+    if job.decode != "auto":
+        return [job.decode]
+    return ["argmax_refine", "argmax"] if job.objective.name == "rwsa" else ["softargmax"]
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, method: str, epsilon: float = 1.0) -> torch.Tensor:
+    """(B,N,h,w) last-stack map -> (B,N,2) normalised labels u (STAR grid, method.md 1.3/5.9)."""
+    if method == "softargmax":
+        return soft_argmax(heatmaps)
+    refine = "local_softargmax" if method == "argmax_refine" else "none"
+    p_hm = argmax_decode(heatmaps, refine=refine, radius=1, temperature=epsilon)
+    return heatmap_px_to_label(p_hm, heatmaps.shape[-1], convention="corners")
+
+
+def predict_original(model: nn.Module, batch: dict[str, torch.Tensor], method: str, size: int,
+                     epsilon: float = 1.0) -> np.ndarray:
+    """Landmarks in original-image px (method.md 1.4): decode, u -> crop px -> M^-1."""
+    with torch.no_grad():
+        outputs = model(batch["image"])
+    u = decode_heatmaps(outputs[-1].fused.float(), method, epsilon).double().cpu()
+    p = label_to_crop(u, size)
+    m = batch["to_original"].cpu()
+    return (p @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]).numpy()
+
+
+def smoothing_samples(batch: dict[str, torch.Tensor], job: JobConfig, generator: torch.Generator) -> torch.Tensor:
+    """Label-smoothing samples (B,N,S,2) in heatmap px, fresh every iteration (method.md 6.3)."""
+    h = batch["point_targets"].shape[-1]
+    y = (batch["landmarks"] + 1) * (h - 1) / 2
+    sm = job.objective.smoothing
+    if not sm.enabled:
+        return y[:, :, None, :]
+    return sample_smoothing(y, batch["cov"], gamma=sm.gamma, num_samples=sm.samples, generator=generator, width=h)
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one training epoch (kept on the device: no per-step host sync)."""
+
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v.detach().float()
+        self.steps += 1
+        self.images += n
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": float(v) / max(self.steps, 1) for k, v in self.terms.items()}
+
+
+def validate(model: nn.Module, session: Session, job: JobConfig, layout: Layout, batch_size: int,
+             prefix: str) -> dict[str, float]:
+    """NME/FR/AUC on the validation split for every decoder in :func:`decoders_for` (rank 0 only)."""
+    builder = BatchBuilder(layout, job.data.input_size, augment=False, seed=job.seed)
+    preds: dict[str, list[np.ndarray]] = {d: [] for d in decoders_for(job)}
+    gts: list[np.ndarray] = []
+    model.eval()
+    for rows in session.val_rows(batch_size):
+        batch = {k: v.to(session.device) for k, v in builder(rows).items()}
+        batch["to_original"] = batch["to_original"].cpu()
+        gts.append(batch["landmarks_original"].cpu().double().numpy())
+        for d in preds:
+            preds[d].append(predict_original(model, batch, d, job.data.input_size, job.objective.rwsa.epsilon))
+    model.train()
+    gt = np.concatenate(gts)
+    out: dict[str, float] = {}
+    for d, ps in preds.items():
+        res = evaluate(np.concatenate(ps), gt, layout)
+        for k in ("nme", "fr", "auc"):
+            out[f"{prefix}_{d}_{k}"] = float(res[k])
+    return out
+
+
+def fault_hook(epoch: int, rank: int) -> None:
+    """Test-only: raise once at ``FLARE_TEST_FAULT_EPOCH`` on the last rank, remembered by a marker file."""
+    at, marker = os.environ.get("FLARE_TEST_FAULT_EPOCH"), os.environ.get("FLARE_TEST_FAULT_MARKER")
+    if at is None or marker is None or int(at) != epoch or Path(marker).exists():
+        return
+    Path(marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
+    raise RuntimeError(f"test fault hook: worker {rank} fails once at epoch {epoch}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train_worker(job_dict: dict[str, Any], session: Session) -> None:
+    """Train ``job_dict`` (a validated JobConfig dump) on this worker; rank 0 validates and reports."""
+    job = parse_job(job_dict)
+    manifest = load_manifest(job.data.manifest)
+    layout = manifest.layout
+    torch.manual_seed(job.seed)
+    device = session.device
+    model = build_model(job, layout).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
+    objective = make_objective(job).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, betas=tuple(job.optimizer.betas),
+                           weight_decay=job.optimizer.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
+    start_epoch, best = 0, math.inf
+    restore = session.restore_dir()
+    if restore is not None:
+        state, _ = load_checkpoint(restore, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])  # restores last_epoch: never stepped twice
+        start_epoch, best = int(state["epoch"]) + 1, float(state.get("best", math.inf))
+    ddp_model = session.prepare_model(model)
+    per_worker = job.optimizer.batch_size // session.world_size
+    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed)
+    gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
+    use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
+    for epoch in range(start_epoch, job.optimizer.epochs):
+        fault_hook(epoch, session.rank)
+        stats, t0 = EpochStats(), time.perf_counter()
+        for rows in session.train_rows(epoch, per_worker):
+            batch = {k: v.to(device, non_blocking=True) for k, v in builder(rows, epoch).items()}
+            if job.objective.name == "rwsa":
+                batch["smoothing_samples"] = smoothing_samples(batch, job, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                outputs = ddp_model(batch["image"])
+            total, terms = objective(outputs, batch)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if job.optimizer.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), job.optimizer.grad_clip)
+            opt.step()
+            ema.update_parameters(model)
+            stats.add(terms, len(rows))
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        elapsed = time.perf_counter() - t0
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
+                                   "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9)}
+        ckpt_dir = None
+        if session.rank == 0:
+            metrics.update(validate(model, session, job, layout, per_worker, "val_raw"))
+            if job.ema.enabled:
+                metrics.update(validate(ema.module, session, job, layout, per_worker, "val_ema"))
+            metrics.update(select_best(metrics, job))
+            best = min(best, metrics[VAL_METRIC])
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                     "val_nme": metrics[VAL_METRIC], "weights": metrics["val_weights"],
+                     "decoder": metrics["val_decoder"]}
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
+            save_checkpoint(ckpt_dir, state, {"job": job.model_dump(mode="json"), "layout": layout.name})
+        session.report(metrics, ckpt_dir)
+
+
+def select_best(metrics: dict[str, Any], job: JobConfig) -> dict[str, Any]:
+    """The validation-selected weights (raw or EMA) and decoder (method.md 9.6): smallest val NME."""
+    cands = [(metrics[f"{w}_{d}_nme"], w, d) for w in ("val_raw", "val_ema") for d in decoders_for(job)
+             if f"{w}_{d}_nme" in metrics]
+    nme, weights, dec = min(cands)
+    return {VAL_METRIC: nme, "val_fr": metrics[f"{weights}_{dec}_fr"], "val_auc": metrics[f"{weights}_{dec}_auc"],
+            "val_weights": weights.removeprefix("val_"), "val_decoder": dec}
+
+
+# ----------------------------------------------------------------------------------------------
+# single process, no Ray
+# ----------------------------------------------------------------------------------------------
+
+
+class LocalSession:
+    """One process, no Ray: rows from the shards, checkpoints under ``run_dir/checkpoints``,
+    metrics appended to ``run_dir/metrics.jsonl`` (GPU hosts log them into MLflow afterwards)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False) -> None:
+        self.job, self.run_dir = job, Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.manifest: Manifest = load_manifest(job.data.manifest)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.reports: list[dict[str, Any]] = []
+
+    def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
+        return iter_local_rows(self.manifest, self.job.data.train_split, batch_size,
+                               self.job.data.max_train_samples, shuffle_seed=self.job.seed * 100003 + epoch)
+
+    def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
+        return iter_local_rows(self.manifest, self.job.data.val_split, batch_size, self.job.data.max_val_samples)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def restore_dir(self) -> Path | None:
+        if not self.resume:
+            return None
+        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*"))
+        return ckpts[-1] if ckpts else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if checkpoint_dir is not None:
+            dest = self.run_dir / "checkpoints" / f"epoch_{metrics['epoch']:04d}"
+            if dest.exists():
+                import shutil
+
+                shutil.rmtree(dest)
+            os.replace(checkpoint_dir, dest)
+
+
+def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False) -> LocalSession:
+    """Run :func:`train_worker` in this process (``flare train --no-ray``)."""
+    session = LocalSession(job, run_dir, device, resume)
+    train_worker(job.model_dump(mode="json"), session)
+    return session

@@ -1,0 +1,226 @@
+"""Stacked hourglass with AAM (method.md section 3): shapes, exact parameter counts (3.7), E2H routing (3.6),
+CoordConv channels (3.4), activations (3.5), input validation and official-checkpoint key filtering (3.8.1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flare.models.hourglass import (
+    Residual,
+    StackedHourglass,
+    coord_channels,
+    load_official_state_dict,
+    stacked_hourglass,
+)
+from flare.models.layouts import COFW29, W300_68, WFLW98
+
+SMALL = {"num_stacks": 2, "channels": 32, "input_size": 64}
+
+
+def _run(model: torch.nn.Module, batch: int = 2, size: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("layout, n, e", [(COFW29, 29, 7), (W300_68, 68, 9), (WFLW98, 98, 9)])
+def test_forward_shapes(layout, n, e):
+    torch.manual_seed(0)
+    model = stacked_hourglass(layout, **SMALL)
+    outs = _run(model)
+    assert len(outs) == 2
+    for out in outs:
+        assert out.heatmaps.shape == (2, n, 16, 16)
+        assert out.fused.shape == (2, n, 16, 16)
+        assert out.points.shape == (2, n, 16, 16)
+        assert out.edges.shape == (2, e, 16, 16)
+        assert torch.isfinite(out.fused).all()
+        assert ((out.points > 0) & (out.points < 1)).all() and ((out.edges > 0) & (out.edges < 1)).all()
+
+
+def test_forward_without_aam_and_other_sizes():
+    torch.manual_seed(0)
+    model = stacked_hourglass(WFLW98, aam=False, num_stacks=1, channels=16, input_size=128, depth=2)
+    (out,) = _run(model, batch=1, size=128)
+    assert out.heatmaps.shape == (1, 98, 32, 32)
+    assert out.points is None and out.edges is None
+    assert out.fused is out.heatmaps
+    assert not hasattr(model, "e2h_transform")
+
+
+# method.md 3.7: independent analytic counts of the "used" parameters (official registered minus dead skips).
+@pytest.mark.parametrize(
+    "layout, aam, expected",
+    [(WFLW98, True, 13_476_468), (W300_68, True, 13_368_708), (COFW29, True, 13_225_028),
+     (WFLW98, False, 13_282_760)],
+)
+def test_full_size_parameter_counts(layout, aam, expected):
+    model = stacked_hourglass(layout, aam=aam)  # instantiate only, no forward
+    assert sum(p.numel() for p in model.parameters()) == expected
+    # The official network also registers 3,700,864 dead identity-skip parameters (3.7, 3.8.1):
+    # 56 Res(256->256) and 1 Res(128->128) blocks with a 1x1 conv + bias each.
+    identity = [m for m in model.modules() if isinstance(m, Residual) and m.skip_layer is None]
+    dead = sum(m.in_channels * m.out_channels + m.out_channels for m in identity)
+    assert dead == 56 * (256 * 256 + 256) + (128 * 128 + 128) == 3_700_864
+
+
+def test_coordconv_input_widths():
+    model = stacked_hourglass(WFLW98, **SMALL)
+    assert model.pre[0].conv.weight.shape == (64, 6, 7, 7)  # 3 + ramp_H, ramp_W, r
+    assert model.hgs[0].coordconv.conv.weight.shape == (32, 35, 1, 1)  # f + 3
+    assert model.hgs[1].coordconv.conv.weight.shape == (32, 37, 1, 1)  # f + 5 boundary channels
+    assert model.hgs[0].low2.coordconv is None  # only the outermost hourglass level has a CoordConv
+
+
+def test_coord_channels_order_and_boundary():
+    x = torch.zeros(1, 4, 3, 5)  # H = 3 rows, W = 5 columns
+    heat = torch.zeros(1, 2, 3, 5)
+    heat[0, 1, 2, 4] = 0.5  # last landmark above 0.05 at (row 2, col 4)
+    heat[0, 1, 0, 0] = 0.04  # below the threshold
+    heat[0, 0] = 1.0  # other landmarks never matter
+    c = coord_channels(x, heat)
+    assert c.shape == (1, 5, 3, 5)
+    torch.testing.assert_close(c[0, 0, :, 2], torch.tensor([-1.0, 0.0, 1.0]))  # ramp along H (rows)
+    torch.testing.assert_close(c[0, 1, 1, :], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))  # ramp along W
+    assert c[0, 2, 0, 0].item() == pytest.approx(1.0)  # r / max at a corner
+    assert c[0, 2, 1, 2].item() == pytest.approx(0.0)  # centre
+    assert c[0, 2, 0, 1].item() == pytest.approx(math.sqrt(1 + 0.25) / math.sqrt(2))
+    expected_bh = torch.zeros(3, 5)
+    expected_bh[2, 4] = 1.0
+    expected_bw = torch.zeros(3, 5)
+    expected_bw[2, 4] = 1.0
+    torch.testing.assert_close(c[0, 3], expected_bh)
+    torch.testing.assert_close(c[0, 4], expected_bw)
+    assert coord_channels(x).shape == (1, 3, 3, 5)
+
+
+def test_e2h_buffers_and_mask_routing():
+    torch.manual_seed(0)
+    model = stacked_hourglass(WFLW98, **SMALL)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    assert "e2h_transform.weight" not in params and "e2h_transform.bias" not in params
+    w, b = buffers["e2h_transform.weight"], buffers["e2h_transform.bias"]
+    assert w.shape == (98, 9, 1, 1) and not w.requires_grad
+    # Pupils 96, 97 are in no group (method.md 2.1): zero row, bias 1; point 0 is FaceContour only.
+    assert w[96].sum() == 0 and w[97].sum() == 0 and b[96] == 1 and b[97] == 1
+    assert w[0, :, 0, 0].tolist() == [1.0] + [0.0] * 8 and b[0] == 0
+    assert b.sum() == 2
+
+    for out in _run(model):
+        # A landmark in no group gets mask = point.
+        torch.testing.assert_close(out.fused[:, 96], out.points[:, 96] * out.heatmaps[:, 96])
+        torch.testing.assert_close(out.fused[:, 0], out.edges[:, 0] * out.points[:, 0] * out.heatmaps[:, 0])
+        # Eye corner 60 is in RightEye (group 5).
+        torch.testing.assert_close(out.fused[:, 60], out.edges[:, 5] * out.points[:, 60] * out.heatmaps[:, 60])
+
+
+def test_e2h_point_in_two_groups_cofw():
+    torch.manual_seed(0)
+    model = stacked_hourglass(COFW29, **SMALL)
+    out = _run(model)[-1]
+    # COFW point 22 lies in LowerLip (5) and UpperLip (6): its E2H sum is edge5 + edge6 (method.md 2.3).
+    torch.testing.assert_close(
+        out.fused[:, 22], (out.edges[:, 5] + out.edges[:, 6]) * out.points[:, 22] * out.heatmaps[:, 22]
+    )
+    torch.testing.assert_close(out.fused[:, 28], out.points[:, 28] * out.heatmaps[:, 28])  # in no group
+
+
+def test_heatmap_activation_sign():
+    torch.manual_seed(0)
+    star = stacked_hourglass(W300_68, **SMALL)
+    for out in _run(star):
+        assert (out.heatmaps >= 0).all() and (out.heatmaps > 0).any()
+        # InstanceNorm then ReLU: the pre-ReLU map has zero mean, so roughly half the pixels are 0.
+        zero_frac = (out.heatmaps == 0).float().mean().item()
+        assert 0.2 < zero_frac < 0.8
+    torch.manual_seed(0)
+    raw = stacked_hourglass(W300_68, heatmap_activation="none", **SMALL)
+    outs = _run(raw)
+    assert any((o.heatmaps < 0).any() for o in outs)
+    for o in outs:  # "multiply" on raw scores is the same product (method.md 3.6 default)
+        torch.testing.assert_close(o.fused, raw.e2h_transform(o.edges) * o.points * o.heatmaps)
+
+
+def test_fusion_modes():
+    torch.manual_seed(0)
+    log_add = stacked_hourglass(W300_68, heatmap_activation="none", fusion="log_add", **SMALL)
+    for o in _run(log_add):
+        mask = log_add.e2h_transform(o.edges) * o.points
+        torch.testing.assert_close(o.fused, o.heatmaps + torch.log(mask + 1e-6))
+    none = stacked_hourglass(W300_68, fusion="none", **SMALL)
+    for o in _run(none):
+        torch.testing.assert_close(o.fused, o.heatmaps)
+        assert o.points is not None
+
+
+def test_instance_norm_has_no_running_stats():
+    torch.manual_seed(0)
+    model = stacked_hourglass(W300_68, **SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        both = model(x)[-1].heatmaps
+        first = model(x[:1])[-1].heatmaps
+    torch.testing.assert_close(both[:1], first)  # per-instance statistics in eval: batch-independent
+
+
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = stacked_hourglass(COFW29, **SMALL)
+    outs = model(torch.randn(2, 3, 64, 64))
+    loss = sum(o.fused.sum() + o.points.sum() + o.edges.sum() for o in outs)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+@pytest.mark.parametrize("size", [32, 63, 96, 100, 320])
+def test_invalid_input_size_raises(size):
+    with pytest.raises(ValueError):
+        StackedHourglass(29, COFW29.e2h_routing(), input_size=size, num_stacks=1, channels=8)
+
+
+def test_other_invalid_arguments_raise():
+    routing = COFW29.e2h_routing()
+    with pytest.raises(ValueError):
+        StackedHourglass(29, routing, heatmap_activation="softmax")
+    with pytest.raises(ValueError):
+        StackedHourglass(29, routing, fusion="add")
+    with pytest.raises(ValueError):
+        StackedHourglass(29, None, aam=True)
+    with pytest.raises(ValueError):
+        StackedHourglass(29, routing, num_edges=9)
+    with pytest.raises(ValueError):
+        StackedHourglass(68, routing)
+    model = stacked_hourglass(COFW29, **SMALL)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 3, 128, 128))
+
+
+def test_load_official_state_dict_drops_only_dead_skips():
+    torch.manual_seed(0)
+    source = stacked_hourglass(COFW29, **SMALL)
+    official = {f"module.{k}": v.clone() for k, v in source.state_dict().items()}
+    # Add the dead identity-skip convs the official code registers (method.md 3.8.1).
+    identity = {n: m.out_channels for n, m in source.named_modules()
+                if isinstance(m, Residual) and m.skip_layer is None}
+    assert len(identity) == 1 + 2 * 14  # Res(128->128) in the stem + (13 hourglass + 1 feature) per stack
+    for name, c in identity.items():
+        official[f"module.{name}.skip_layer.conv.weight"] = torch.randn(c, c, 1, 1)
+        official[f"module.{name}.skip_layer.conv.bias"] = torch.randn(c)
+    assert "module.pre.1.skip_layer.conv.weight" in official  # a real 64->128 skip: kept
+
+    torch.manual_seed(1)
+    target = stacked_hourglass(COFW29, **SMALL)
+    dropped = load_official_state_dict(target, official)
+    assert len(dropped) == 2 * len(identity)
+    assert all(".skip_layer." in k for k in dropped) and "pre.1.skip_layer.conv.weight" not in dropped
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[k], v)
+
+    official["module.extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError):
+        load_official_state_dict(target, official)
