@@ -3,7 +3,7 @@
 Compares (a) a naive official-style STAR formulation written here (full (B·N, 2, H·W) covariance products,
 ``torch.linalg.eigh`` on the CPU in every call, row-indexed eigenvectors), (b) ``flare.losses.star.STARLoss``
 (closed-form eigendecomposition on the device) and (c) ``flare.losses.rwsa.RWSALoss`` when importable.
-Usage: ``python bench/losses.py [--reps N] [--warmup N]``.
+Usage: ``python bench/losses.py [--reps N] [--warmup N] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def bench_device(device: torch.device, reps: int, warmup: int) -> None:
         v_naive = naive_star(heat, tgt).item()
         v_ours = star(heat, tgt).item()
     rel = abs(v_naive - v_ours) / abs(v_naive)
-    print(f"[{device.type}] B={B} N={N} {H}x{W}: value naive={v_naive:.6f} ours={v_ours:.6f} rel.diff={rel:.2e}")
+    print(f"[{device.type}] B={B} N={N} {H}x{W}: value naive={v_naive:.9g} ours={v_ours:.9g} rel.diff={rel:.2e}")
     assert rel <= 1e-4, f"naive and STARLoss disagree: rel. diff {rel:.2e} > 1e-4"
 
     t_naive = time_ms(fwd_bwd(naive_star, heat, tgt), device, reps, warmup)
@@ -155,7 +155,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20, help="timed calls per loss (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per loss")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

@@ -155,7 +155,8 @@ class BatchBuilder:
             scale = CANONICAL / 200.0
             sample = augment_sample(
                 arr["image"], arr["landmarks"], arr["edges"].astype(np.float32) / 255.0, arr["cov"],
-                center, scale, self.layout, self.rng(row["sample_id"], epoch), self.config, size=self.size,
+                center, scale, self.layout, self.rng(row["sample_id"], epoch) if self.augment else None,
+                self.config, size=self.size,
             )
             pts = sample["landmarks"]
             m = sample["matrix"]  # loose crop -> training crop

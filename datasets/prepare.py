@@ -316,7 +316,9 @@ def prepare(
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
     if fmt == "synthetic":
-        records = generate_synthetic(synthetic_count, layout_points=68, seed=options.seed)
+        n_test = max(1, synthetic_count // 5)
+        records = generate_synthetic(synthetic_count, layout_points=68, seed=options.seed, split="train") + \
+            generate_synthetic(n_test, layout_points=68, seed=options.seed, split="test", start=synthetic_count)
         skipped: list[tuple[str, str]] = []
     else:
         result = read_dataset(fmt, Path(root), on_error=options.on_error)

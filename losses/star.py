@@ -13,6 +13,7 @@ import math
 import torch
 from flare.losses.distances import DISTANCES, Distance, get_distance
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "STARLoss",
@@ -39,28 +40,49 @@ def _grid(n: int, like: Tensor) -> Tensor:
     return torch.arange(n, device=like.device, dtype=like.dtype) * (2.0 / (n - 1)) - 1.0
 
 
+class _MapStats(torch.autograd.Function):
+    """Per-map statistics of F that are linear or quadratic in F, with a fused single-expression backward.
+
+    Returns the column marginal Σ_i F_ij (…, w), the row marginal Σ_j F_ij (…, h), the row first moments
+    Σ_j F_ij g_j (…, h) and Σ_ij F_ij² (…). The backward writes one (…, h, w) tensor (no per-op temporaries).
+    """
+
+    @staticmethod
+    def forward(ctx, f: Tensor, gx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(f, gx)
+        sq = torch.linalg.vector_norm(f, dim=(-2, -1))
+        return f.sum(dim=-2), f.sum(dim=-1), f @ gx, sq * sq
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_col: Tensor, g_row: Tensor, g_rx: Tensor, g_sq: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        f, gx = ctx.saved_tensors
+        grad = f * (2.0 * g_sq)[..., None, None]
+        grad.add_(g_col.unsqueeze(-2))
+        grad.add_(g_row.unsqueeze(-1))
+        grad.addcmul_(g_rx.unsqueeze(-1), gx)
+        return grad, None
+
+
 def weighted_moments(heatmaps: Tensor) -> tuple[Tensor, Tensor]:
     """Soft-argmax mean and unbiased weighted covariance of each map (§4.1–4.3, Eq. 1, 3–4).
 
     ``heatmaps`` (B, N, h, w), F ≥ 0. Returns ``mu`` (B, N, 2) as (x, y) and ``cov`` (B, N, 2, 2).
     P = F / max(ΣF, 1e-6) is never materialised: the means and the diagonal second moments come from the
-    row/column marginals, the cross term from one centred bilinear form (g_y − μ_y)ᵀ F (g_x − μ_x) per map,
-    and Σ P² from Σ F² / max(ΣF, 1e-6)².
+    row/column marginals, the cross term from the centred bilinear form Σ_i (g_i − μ_y)·Σ_j F_ij (g_j − μ_x),
+    and Σ P² from Σ F² / max(ΣF, 1e-6)²; all four statistics come from one pass-light autograd node.
     """
     if heatmaps.dim() != 4:
         raise ValueError(f"heatmaps must be (B, N, h, w), got shape {tuple(heatmaps.shape)}")
     h, w = heatmaps.shape[-2:]
     gx = _grid(w, heatmaps)  # x from the column index j
     gy = _grid(h, heatmaps)  # y from the row index i
+    f_col, f_row, f_rx, f_sq = _MapStats.apply(heatmaps, gx)
 
-    fx = heatmaps.sum(dim=-2)  # (B, N, w) column marginal of F
-    fy = heatmaps.sum(dim=-1)  # (B, N, h) row marginal of F
-    total = fx.sum(dim=-1)  # (B, N)
+    total = f_row.sum(dim=-1)  # (B, N)
     inv = 1.0 / torch.clamp(total, min=_MASS_EPS)
-
-    px = fx * inv.unsqueeze(-1)
-    py = fy * inv.unsqueeze(-1)
-    mass = total * inv  # Σ P: 1, or 0 for an all-zero map
+    px = f_col * inv.unsqueeze(-1)
+    py = f_row * inv.unsqueeze(-1)
     mu_x = px @ gx
     mu_y = py @ gy
     dx = gx - mu_x.unsqueeze(-1)  # (B, N, w)
@@ -68,11 +90,11 @@ def weighted_moments(heatmaps: Tensor) -> tuple[Tensor, Tensor]:
 
     c_xx = (px * dx * dx).sum(dim=-1)
     c_yy = (py * dy * dy).sum(dim=-1)
-    f_dx = (heatmaps @ dx.unsqueeze(-1)).squeeze(-1)  # (B, N, h): Σ_j F_ij (g_j − μ_x)
-    c_xy = (f_dx * dy).sum(dim=-1) * inv
+    row_dx = f_rx - f_row * mu_x.unsqueeze(-1)  # Σ_j F_ij (g_j − μ_x), centred per row
+    c_xy = (row_dx * dy).sum(dim=-1) * inv
 
-    v1 = mass + _V_EPS
-    v2 = (heatmaps * heatmaps).sum(dim=(-2, -1)) * (inv * inv) + _V_EPS
+    v1 = total * inv + _V_EPS  # Σ P + 1e-5 (Σ P = 1, or 0 for an all-zero map)
+    v2 = f_sq * (inv * inv) + _V_EPS
     denom = v1 - v2 / v1
 
     mu = torch.stack((mu_x, mu_y), dim=-1)

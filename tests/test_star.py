@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from flare.losses.distances import get_distance
-from flare.losses.star import STARLoss, eig2x2, weighted_moments
+from flare.losses.star import STARLoss, degenerate_mask, eig2x2, weighted_moments
 
 B, N, H, W = 2, 5, 64, 64
 
@@ -305,3 +305,22 @@ def test_distances_hand_values():
     assert aw(x_theta - 1e-12).item() == pytest.approx(inner, rel=1e-9)
     assert aw(x_theta + 1e-12).item() == pytest.approx(inner, rel=1e-9)
     assert get_distance("smoothl1", s=0.1)(torch.tensor([0.05])).item() == pytest.approx(0.0125)
+
+
+def test_non_square_maps_match_reference_and_gradcheck():
+    gen = torch.Generator().manual_seed(7)
+    f = torch.rand(1, 3, 12, 20, generator=gen, dtype=torch.float64) ** 4  # h != w, x from columns
+    u = torch.rand(1, 3, 2, generator=gen, dtype=torch.float64) * 2 - 1
+    mu, cov = weighted_moments(f)
+    rmu, rcov = _ref_moments(f)
+    assert torch.allclose(mu, rmu, rtol=0, atol=1e-12) and torch.allclose(cov, rcov, rtol=1e-10, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda a, b: STARLoss(distance="l2")(a, b),
+                                    (f.requires_grad_(True), u.requires_grad_(True)))
+
+
+def test_degenerate_mask_flags_point_zero_and_isotropic_maps_only():
+    maps = _degenerate_inputs()
+    assert degenerate_mask(maps["one_hot"]).all() and degenerate_mask(maps["zero"]).all()
+    assert degenerate_mask(maps["isotropic"]).all()  # r = 0 up to round-off
+    f, _, _ = _gaussians(seed=8)
+    assert not degenerate_mask(f).any()
