@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-
 from flare.datasets.records import (
     ArrayImage,
     DataError,
@@ -26,19 +25,19 @@ from flare.datasets.records import (
 )
 
 __all__ = [
-    "ReadResult",
+    "FORMATS",
     "SPLITS",
     "WFLW_ATTRIBUTES",
-    "FORMATS",
-    "parse_pts",
-    "write_pts",
+    "ReadResult",
     "clean_legacy_path",
-    "read_wflw",
+    "parse_pts",
     "read_300w",
+    "read_adnet",
     "read_cofw",
     "read_cofw_csv",
-    "read_adnet",
     "read_dataset",
+    "read_wflw",
+    "write_pts",
 ]
 
 SPLITS = ("train", "test")
@@ -110,9 +109,9 @@ def _float(token: str, path: Path | str, line: int | None, what: str) -> float:
     try:
         value = float(token)
     except ValueError:
-        raise DataError(path, f"cannot parse {what} {token!r} as a number", line) from None
+        raise DataError(path, line, f"cannot parse {what} {token!r} as a number") from None
     if not np.isfinite(value):
-        raise DataError(path, f"{what} {token!r} is not finite", line)
+        raise DataError(path, line, f"{what} {token!r} is not finite")
     return value
 
 
@@ -125,7 +124,7 @@ def _check_inside(points: np.ndarray, size: tuple[int, int], path: Path | str, l
     if bad.size:
         k = int(bad[0])
         x, y = points[k]
-        raise DataError(path, f"landmark {k} at ({x:.1f}, {y:.1f}) lies far outside the {w}x{h} image", line)
+        raise DataError(path, line, f"landmark {k} at ({x:.1f}, {y:.1f}) lies far outside the {w}x{h} image")
 
 
 def _read_text_lines(path: Path) -> list[str]:
@@ -158,9 +157,9 @@ def parse_pts(path: str | Path, expected_points: int | None = 68, one_based: boo
         body, declared, end_line = _pts_header(path, lines)
     pts = _parse_xy_lines(path, body)
     if declared is not None and declared != len(pts):
-        raise DataError(path, f"n_points is {declared} but {len(pts)} points follow", end_line)
+        raise DataError(path, end_line, f"n_points is {declared} but {len(pts)} points follow")
     if expected_points is not None and len(pts) != expected_points:
-        raise DataError(path, f"expected {expected_points} points, found {len(pts)}", end_line)
+        raise DataError(path, end_line, f"expected {expected_points} points, found {len(pts)}")
     return pts - 1.0 if one_based else pts
 
 
@@ -176,7 +175,7 @@ def _parse_xy_lines(path: Path, body: list[tuple[int, str]]) -> np.ndarray:
         pass
     for (no, _), tokens in zip(body, rows):  # slow path: locate the offending line
         if len(tokens) != 2:
-            raise DataError(path, f"expected 'x y', found {len(tokens)} values", no)
+            raise DataError(path, no, f"expected 'x y', found {len(tokens)} values")
         for t in tokens:
             _float(t, path, no, "coordinate")
     raise AssertionError("unreachable")  # pragma: no cover
@@ -195,7 +194,7 @@ def _pts_header(path: Path, lines: list[tuple[int, str]]) -> tuple[list[tuple[in
     declared = None
     open_pos = next((k for k, (_, text) in enumerate(lines) if text == "{"), None)
     if open_pos is None:
-        raise DataError(path, "missing '{' after the header", lines[-1][0])
+        raise DataError(path, lines[-1][0], "missing '{' after the header")
     for no, text in lines[:open_pos]:
         key, sep, value = text.partition(":")
         key = key.strip().lower()
@@ -203,18 +202,18 @@ def _pts_header(path: Path, lines: list[tuple[int, str]]) -> tuple[list[tuple[in
             try:
                 declared = int(value.strip())
             except ValueError:
-                raise DataError(path, f"cannot parse n_points from {text!r}", no) from None
+                raise DataError(path, no, f"cannot parse n_points from {text!r}") from None
         elif key != "version" or not sep:
-            raise DataError(path, f"unexpected header line {text!r}", no)
+            raise DataError(path, no, f"unexpected header line {text!r}")
     if declared is None:
-        raise DataError(path, "header has no n_points", lines[open_pos][0])
+        raise DataError(path, lines[open_pos][0], "header has no n_points")
     rest = lines[open_pos + 1 :]
     close = next((k for k, (_, text) in enumerate(rest) if text == "}"), None)
     if close is None:
-        raise DataError(path, "missing closing '}'", lines[-1][0])
+        raise DataError(path, lines[-1][0], "missing closing '}'")
     body, trailer = rest[:close], rest[close + 1 :]
     if trailer:
-        raise DataError(path, f"unexpected text after '}}': {trailer[0][1]!r}", trailer[0][0])
+        raise DataError(path, trailer[0][0], f"unexpected text after '}}': {trailer[0][1]!r}")
     return body, declared, rest[close][0]
 
 
@@ -341,13 +340,13 @@ def _wflw_face(
     sizes: dict[Path, tuple[int, int]],
 ) -> FaceRecord:
     if len(tokens) != _WFLW_TOKENS:
-        raise DataError(list_path, f"expected {_WFLW_TOKENS} tokens, found {len(tokens)}", no)
+        raise DataError(list_path, no, f"expected {_WFLW_TOKENS} tokens, found {len(tokens)}")
     values = [_float(t, list_path, no, f"token {i + 1}") for i, t in enumerate(tokens[:206])]
     points = np.asarray(values[:196]).reshape(98, 2)
     box = np.asarray(values[196:200])
     flags = values[200:206]
     if any(f not in (0.0, 1.0) for f in flags):
-        raise DataError(list_path, f"attribute flags must be 0 or 1, found {tokens[200:206]}", no)
+        raise DataError(list_path, no, f"attribute flags must be 0 or 1, found {tokens[200:206]}")
     attributes = {name: int(f) for name, f in zip(WFLW_ATTRIBUTES, flags)}
     img_path = _image_under(root / "WFLW_images", tokens[206], list_path, no)
     if img_path not in sizes:
@@ -374,7 +373,7 @@ def _wflw_face(
 def _image_under(base: Path, rel: str, ref_path: Path, line: int | None) -> Path:
     img = base / rel
     if not img.is_file():
-        raise DataError(ref_path, f"image not found: {img}", line)
+        raise DataError(ref_path, line, f"image not found: {img}")
     return img
 
 
@@ -536,7 +535,7 @@ def read_cofw_csv(
     need = ["image", *(f"{a}{k}" for a in ("x", "y") for k in range(n)), "x_min", "y_min", "x_max", "y_max"]
     missing = [c for c in need if c not in cols]
     if n == 0 or missing:
-        raise DataError(path, f"missing columns {missing or ['x0']}", 1)
+        raise DataError(path, 1, f"missing columns {missing or ['x0']}")
     errors = _Errors(on_error)
     records: list[FaceRecord] = []
     seen: dict[str, int] = {}
@@ -563,7 +562,7 @@ def _cofw_csv_face(root: Path, path: Path, no: int, row: dict, n: int, seen: dic
     box = np.array([num(c) for c in ("x_min", "y_min", "x_max", "y_max")])
     split = (row.get("split") or "test").strip()
     if split not in SPLITS:
-        raise DataError(path, f"unknown split {split!r}", no)
+        raise DataError(path, no, f"unknown split {split!r}")
     img = _image_under(root, (row.get("image") or "").strip(), path, no)
     size = image_size(img)
     _check_inside(points, size, path, no)
@@ -606,7 +605,7 @@ def clean_legacy_path(path: str) -> str:
 def _floats_csv(text: str, path: Path, line: int, what: str) -> np.ndarray:
     parts = [t for t in text.split(",") if t.strip()]
     if not parts:
-        raise DataError(path, f"empty {what}", line)
+        raise DataError(path, line, f"empty {what}")
     return np.array([_float(t.strip(), path, line, what) for t in parts])
 
 
@@ -686,22 +685,22 @@ def _tsv_face(
     sizes: dict[Path, tuple[int, int]],
 ) -> FaceRecord:
     if len(cols) < 6:
-        raise DataError(path, f"expected at least 6 tab-separated columns, found {len(cols)}", no)
+        raise DataError(path, no, f"expected at least 6 tab-separated columns, found {len(cols)}")
     _floats_csv(cols[1], path, no, "reference points")
     flat = _floats_csv(cols[2], path, no, "landmarks")
     if len(flat) % 2:
-        raise DataError(path, f"odd number of landmark values ({len(flat)})", no)
+        raise DataError(path, no, f"odd number of landmark values ({len(flat)})")
     points = flat.reshape(-1, 2)
     ds = dataset or _POINTS_TO_DATASET.get(len(points))
     if ds is None:
-        raise DataError(path, f"{len(points)} landmarks match no known dataset; pass dataset=", no)
+        raise DataError(path, no, f"{len(points)} landmarks match no known dataset; pass dataset=")
     scale = _float(cols[3].strip(), path, no, "scale")
     center = np.array([_float(c.strip(), path, no, "center") for c in cols[4:6]])
     tags = [int(_float(t, path, no, "tag")) for t in cols[6].split(",") if t.strip()] if len(cols) > 6 else []
     rel = clean_legacy_path(cols[0])
     img = _resolve_image(root, ds, rel)
     if img is None:
-        raise DataError(path, f"image not found: {rel} (under {root})", no)
+        raise DataError(path, no, f"image not found: {rel} (under {root})")
     if img not in sizes:
         sizes[img] = image_size(img)
     _check_inside(points, sizes[img], path, no)

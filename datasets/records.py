@@ -16,28 +16,31 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "DataError",
-    "ImageSource",
-    "FileImage",
     "ArrayImage",
+    "DataError",
     "FaceRecord",
-    "landmark_box",
+    "FileImage",
+    "ImageSource",
     "crop_center_scale",
-    "read_image_bgr",
     "image_size",
+    "landmark_box",
+    "read_image_bgr",
 ]
 
 
 class DataError(ValueError):
     """Bad input data: a file, an optional 1-based line number and the reason.
 
+    Call as ``DataError(path, line, reason)`` (``line`` may be None) or ``DataError(path, reason)``.
     ``str(err)`` is one line: ``"<path>:<line>: <reason>"`` or ``"<path>: <reason>"``.
     """
 
-    def __init__(self, path: str | Path, reason: str, line: int | None = None) -> None:
+    def __init__(self, path: str | Path, line: int | str | None = None, reason: str | None = None) -> None:
+        if reason is None and isinstance(line, str):
+            line, reason = None, line
         self.path = str(path)
-        self.line = line
-        self.reason = " ".join(str(reason).split())
+        self.line = None if line is None else int(line)
+        self.reason = " ".join(str(reason or "invalid data").split())
         super().__init__(self.location + ": " + self.reason)
 
     @property
@@ -46,7 +49,7 @@ class DataError(ValueError):
         return f"{self.path}:{self.line}" if self.line is not None else self.path
 
     def __reduce__(self):  # keeps the exception picklable (Ray re-raises it in the driver)
-        return (DataError, (self.path, self.reason, self.line))
+        return (DataError, (self.path, self.line, self.reason))
 
 
 # ----------------------------------------------------------------------------------------------

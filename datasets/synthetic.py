@@ -18,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from flare.datasets.readers import write_pts
 from flare.datasets.records import FaceRecord, landmark_box
 
@@ -28,8 +27,8 @@ __all__ = [
     "SyntheticImage",
     "canonical_landmarks",
     "face_params",
-    "render_face",
     "generate_synthetic",
+    "render_face",
     "write_synthetic_folder",
 ]
 
@@ -336,7 +335,7 @@ def render_face(p: FaceParams, size: int, seed: int, index: int, layout_points: 
     skin = np.clip(np.asarray(p.skin, np.float32) * ramp[..., None], 0, 255)
     m = (mask.astype(np.float32) / 255.0)[..., None]
     img = (img * (1 - m) + skin * m).astype(np.uint8)
-    thick = max(1, int(round(p.half_width / 40)))
+    thick = max(1, round(p.half_width / 40))
     _line(img, face, np.asarray(p.skin) * 0.55, thick, closed=True)
 
     # Eyebrows: filled bands.
@@ -353,9 +352,9 @@ def render_face(p: FaceParams, size: int, seed: int, index: int, layout_points: 
         layer[:] = _color(rng.uniform(215, 245) * np.ones(3))
         centre = _project(curves[f"pupil_{tag}"](np.zeros(1)), p)[0]
         c_fixed = tuple(int(v) for v in np.round(centre * _ONE))
-        cv2.circle(layer, c_fixed, int(round(0.075 * p.half_width * _ONE)), _color(p.iris), -1,
+        cv2.circle(layer, c_fixed, round(0.075 * p.half_width * _ONE), _color(p.iris), -1,
                    cv2.LINE_AA, _SHIFT)
-        cv2.circle(layer, c_fixed, int(round(0.032 * p.half_width * _ONE)), (10, 10, 10), -1,
+        cv2.circle(layer, c_fixed, round(0.032 * p.half_width * _ONE), (10, 10, 10), -1,
                    cv2.LINE_AA, _SHIFT)
         em = (eye_mask.astype(np.float32) / 255.0)[..., None]
         img = (img * (1 - em) + layer * em).astype(np.uint8)
@@ -381,7 +380,7 @@ def render_face(p: FaceParams, size: int, seed: int, index: int, layout_points: 
 
     # Occluder: a flat textured rectangle.
     if p.occluder is not None:
-        x0, y0, x1, y1 = (int(round(v)) for v in p.occluder)
+        x0, y0, x1, y1 = (round(v) for v in p.occluder)
         cv2.rectangle(img, (x0, y0), (x1, y1), _color(p.occluder_color), -1)
         cv2.line(img, (x0, y0), (x1, y1), _color(255 - np.asarray(p.occluder_color)), 2, cv2.LINE_AA)
 
@@ -477,7 +476,7 @@ def write_synthetic_folder(
     {trainset,testset}/`` (the last ``round(n·test_fraction)`` go to testset), readable with
     ``read_300w(out_dir)``. Returns the .pts paths."""
     out = Path(out_dir) / "synthetic"
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     written = []
     for k, rec in enumerate(generate_synthetic(n, 68, size, seed)):
         folder = out / ("testset" if k >= n - n_test else "trainset")

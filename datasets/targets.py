@@ -87,7 +87,8 @@ def _draw_group(curve: np.ndarray, closed: bool, size: int, dst: np.ndarray) -> 
     """
     k = SUPERSAMPLE
     clipped = np.clip(curve, 0.0, size - 1)
-    verts = np.floor(clipped * k + 0.5).astype(np.int32)  # rounded to the nearest canvas pixel [SC]
+    # [SC] rounds 4p (not the pixel-centre map 4p + 1.5): the line sits 3/8 crop px up-left of the points
+    verts = np.floor(clipped * k + 0.5).astype(np.int32)
     x0, y0 = np.maximum((verts.min(axis=0) - _CANVAS_MARGIN) // k, 0)
     x1, y1 = np.minimum(-((-(verts.max(axis=0) + _CANVAS_MARGIN + 1)) // k), size)
     canvas = np.zeros(((y1 - y0) * k, (x1 - x0) * k), dtype=np.float32)

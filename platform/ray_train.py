@@ -123,6 +123,23 @@ def check_job(job: JobConfig) -> Manifest:
     return manifest
 
 
+DATA_CPU_HEADROOM = 0.5  # CPUs Ray Data needs beside the workers to feed them
+
+
+def check_resources(job: JobConfig) -> None:
+    """Fail fast instead of hanging: the workers must leave CPU for Ray Data's ingest (measured: on a
+    2-CPU cluster, 2 workers x 1 CPU never receive a batch)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    need = job.scaling.workers * job.scaling.cpus_per_worker
+    if need + DATA_CPU_HEADROOM > total:
+        raise ConfigError(
+            f"scaling: {job.scaling.workers} workers x {job.scaling.cpus_per_worker} CPU leave no CPU for data "
+            f"ingest on this {total:g}-CPU cluster; lower scaling.cpus_per_worker or scaling.workers"
+        )
+
+
 def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
           log=print) -> TrainOutcome:
     """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
@@ -156,6 +173,7 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
             mlflow.log_params({k: str(v)[:500] for k, v in job.flat().items()})
             mlflow.log_dict(job.model_dump(mode="json"), "job.json")
     ensure_ray(address)
+    check_resources(job)
     datasets = {"train": ray_dataset(manifest, job.data.train_split, job.data.max_train_samples),
                 "val": ray_dataset(manifest, job.data.val_split, job.data.max_val_samples)}
     trainer = TorchTrainer(

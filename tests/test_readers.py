@@ -15,8 +15,6 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from scipy.io import savemat
-
 from flare.datasets.readers import (
     clean_legacy_path,
     parse_pts,
@@ -28,6 +26,7 @@ from flare.datasets.readers import (
     read_wflw,
 )
 from flare.datasets.records import DataError, FaceRecord, FileImage, crop_center_scale
+from scipy.io import savemat
 
 W300_FOLDERS = {"afw": 337, "helen/trainset": 870, "helen/testset": 330, "lfpw/trainset": 805, "lfpw/testset": 224}
 
@@ -82,7 +81,7 @@ def test_300w_splits_and_subsets(w300):
 
 def test_300w_landmarks_are_pts_minus_one(data_root, w300):
     records = w300.records
-    first = sorted((data_root / "300W" / "afw").glob("*.pts"))[0]
+    first = min((data_root / "300W" / "afw").glob("*.pts"))
     assert records[0].source == "afw/" + first.with_suffix(".jpg").name
     assert np.array_equal(records[0].landmarks[0], _plain_pts(first)[0] - 1.0)
     rng = np.random.default_rng(0)
@@ -371,7 +370,7 @@ def test_wflw_wrong_token_count(tmp_path):
     good = " ".join(["50.0"] * 196 + ["10", "10", "90", "90", "0", "1", "0", "0", "0", "0", "e/a.jpg"])
     bad = " ".join(["50.0"] * 189 + ["10", "10", "90", "90", "0", "0", "0", "0", "0", "0", "e/a.jpg"])
     path = ann / "list_98pt_rect_attr_train.txt"
-    path.write_text("\n".join([good, bad, good]) + "\n")
+    path.write_text(f"{good}\n{bad}\n{good}\n")
     with pytest.raises(DataError) as err:
         read_wflw(tmp_path)
     assert str(err.value) == f"{path}:2: expected 207 tokens, found 200"
@@ -400,9 +399,11 @@ def test_skip_mode_collects_bad_faces(tmp_path):
 
 
 def test_data_error_format_and_pickle():
-    err = DataError("a/b.pts", "bad\nvalue", line=4)
+    err = DataError("a/b.pts", 4, "bad\nvalue")
     assert str(err) == "a/b.pts:4: bad value"
     assert str(DataError("a/b.pts", "missing")) == "a/b.pts: missing"
+    assert str(DataError("a/b.pts", None, "missing")) == "a/b.pts: missing"
+    assert str(DataError("a/b.pts", reason="gone", line=7)) == "a/b.pts:7: gone"
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, DataError) and (back.path, back.line, back.reason) == ("a/b.pts", 4, "bad value")
 

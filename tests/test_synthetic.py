@@ -7,12 +7,11 @@ import pickle
 import cv2
 import numpy as np
 import pytest
-
 from flare.datasets.readers import read_300w
 from flare.datasets.synthetic import canonical_landmarks, generate_synthetic, write_synthetic_folder
 from flare.models.layouts import W300_68, WFLW98
 
-SIZE = 128
+SIZE = 256
 
 
 @pytest.fixture(scope="module", params=[68, 98])
@@ -58,29 +57,31 @@ def test_template_is_mirror_consistent_with_the_layouts():
         assert pts[a[0], 0] < pts[b[0], 0]
 
 
-def _gradient(img: np.ndarray) -> np.ndarray:
-    g = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
-    return np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+def _local_std(img: np.ndarray, k: int = 5) -> np.ndarray:
+    """Contrast of the k×k neighbourhood of each pixel (high on edges and on thin lines alike)."""
+    g = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float64)
+    mean, mean_sq = cv2.blur(g, (k, k)), cv2.blur(g * g, (k, k))
+    return np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
 
 
 def test_landmarks_sit_on_drawn_structure(faces):
-    """Mean gradient magnitude at visible landmark pixels vs random pixels of the face box and
-    vs the same landmarks displaced by ~4 px."""
+    """Local contrast at the visible landmark pixels vs random pixels of the face box, and vs the
+    same landmarks displaced by N(0, 4²) px: drawn structure is at the labels, not near them."""
     _, recs, images = faces
     rng = np.random.default_rng(0)
     vs_random, vs_shifted = [], []
     for rec, img in zip(recs, images):
-        grad = _gradient(img)
+        contrast = _local_std(img)
         vis = rec.landmarks[rec.occlusion == 0]
         ij = np.round(vis).astype(int)
-        at = grad[ij[:, 1], ij[:, 0]].mean()
+        at = contrast[ij[:, 1], ij[:, 0]].mean()
         x0, y0, x1, y1 = rec.box
         rnd = np.stack([rng.uniform(x0, x1, 400), rng.uniform(y0, y1, 400)], 1).round().astype(int)
-        vs_random.append(at / grad[rnd[:, 1], rnd[:, 0]].mean())
+        vs_random.append(at / contrast[rnd[:, 1], rnd[:, 0]].mean())
         sh = np.clip(np.round(vis + rng.normal(0, 4, vis.shape)), 0, SIZE - 1).astype(int)
-        vs_shifted.append(at / grad[sh[:, 1], sh[:, 0]].mean())
-    assert np.mean(vs_random) > 1.6 and min(vs_random) > 1.2
-    assert np.mean(vs_shifted) > 1.3 and min(vs_shifted) > 1.0
+        vs_shifted.append(at / contrast[sh[:, 1], sh[:, 0]].mean())
+    assert np.mean(vs_random) > 2.0 and min(vs_random) > 1.4, vs_random
+    assert np.mean(vs_shifted) > 1.25 and min(vs_shifted) > 0.95, vs_shifted
 
 
 def test_pupils_are_dark():

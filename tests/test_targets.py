@@ -24,21 +24,18 @@ def face_300w(cx: float = 128.0, cy: float = 128.0, r: float = 70.0) -> np.ndarr
     """A plausible, left-right symmetric 68-point face (0-based crop px)."""
     pts = np.zeros((68, 2))
     a = np.linspace(math.pi, 0.0, 17)  # jaw: image-left ear, chin, image-right ear
-    pts[0:17] = np.stack([cx - r * np.cos(a), cy + 0.1 * r + 1.1 * r * np.sin(a)], 1)
-    for k, (x0, sgn) in enumerate(((-0.75, 1), (0.15, 1))):  # brows 17-21 and 22-26
+    pts[0:17] = np.stack([cx + r * np.cos(a), cy + 0.1 * r + 1.1 * r * np.sin(a)], 1)
+    for k, x0 in enumerate((-0.75, 0.15)):  # brows 17-21 and 22-26
         t = np.linspace(0, 1, 5)
         pts[17 + 5 * k : 22 + 5 * k] = np.stack(
             [cx + r * (x0 + 0.6 * t), cy - 0.55 * r - 0.1 * r * np.sin(math.pi * t)], 1
         )
     pts[27:31] = np.stack([np.full(4, cx), cy - r * np.linspace(0.35, -0.15, 4)], 1)  # nose bridge
     pts[31:36] = np.stack([cx + r * np.linspace(-0.25, 0.25, 5), np.full(5, cy + 0.3 * r)], 1)
-    e = np.linspace(0, 2 * math.pi, 7)[:-1]  # eyes: outer/inner corner first, then top, then bottom
-    for k, (ex, d) in enumerate(((-0.45 * r, -1), (0.45 * r, 1))):
-        start = 36 + 6 * k
-        ang = e if k == 1 else math.pi - e
-        pts[start : start + 6] = np.stack(
-            [cx + ex + 0.22 * r * np.cos(ang), cy - 0.3 * r - 0.08 * r * np.sin(e)], 1
-        )
+    e = np.linspace(0, 2 * math.pi, 7)[:-1]  # eyes: image-left corner, 2 top, image-right corner, 2 bottom
+    for k, ex in enumerate((-0.45 * r, 0.45 * r)):
+        eye = np.stack([cx + ex - 0.22 * r * np.cos(e), cy - 0.3 * r - 0.08 * r * np.sin(e)], 1)
+        pts[36 + 6 * k : 42 + 6 * k] = eye
     lo = np.linspace(0, 2 * math.pi, 13)[:-1]
     pts[48:60] = np.stack([cx - 0.45 * r * np.cos(lo), cy + 0.65 * r - 0.15 * r * np.sin(lo)], 1)
     li = np.linspace(0, 2 * math.pi, 9)[:-1]
@@ -183,26 +180,29 @@ def test_star_render_aliases_a_line_on_the_outer_rows_of_a_cell() -> None:
     star = edge_heatmaps(pts, line_layout(5), render="star")[0]
     area = edge_heatmaps(pts, line_layout(5), render="area")[0]
     assert star.max() < 1e-3
-    assert np.all(area[:, 17:48].argmax(axis=0) == 24) and area[24, 17:48].min() > 0.15
+    assert np.all(area[:, 17:48].argmax(axis=0) == 25) and area[25, 17:48].min() > 0.15  # round(24.7)
 
 
 def test_closed_group_draws_its_closing_segment() -> None:
     ang = np.deg2rad(np.arange(0, 360, 45))
-    pts = np.stack([128 + 80 * np.cos(ang), 128 + 80 * np.sin(ang)], 1)
+    cx, cy = 128.0, 129.5  # the bottom of the circle, y = 209.5, is on a row that render="star" samples
+    pts = np.stack([cx + 80 * np.cos(ang), cy + 80 * np.sin(ang)], 1)
     mid = np.deg2rad(337.5)  # middle of the arc from the last point back to the first
-    j, i = (round((128 + 80 * v + 0.5) / 4 - 0.5) for v in (np.cos(mid), np.sin(mid)))
-    j2, i2 = 32, 52  # at 90 degrees (128, 208), between points 1 and 3: drawn either way
+    j, i = round((cx + 80 * np.cos(mid) + 0.5) / 4 - 0.5), round((cy + 80 * np.sin(mid) + 0.5) / 4 - 0.5)
+    j2, i2 = 32, 52  # at 90 degrees (128, 209.5), between points 1 and 3: drawn either way
     for render in ("star", "area"):
         closed = edge_heatmaps(pts, line_layout(8, closed=True), render=render)[0]
         open_ = edge_heatmaps(pts, line_layout(8, closed=False), render=render)[0]
-        assert closed[i - 2 : i + 3, j - 2 : j + 3].max() > 0.2, render
+        assert closed[i - 2 : i + 3, j - 2 : j + 3].max() > 0.1, render
         assert open_[i - 2 : i + 3, j - 2 : j + 3].max() == 0.0, render
         assert closed[i2 - 2 : i2 + 3, j2 - 2 : j2 + 3].max() > 0.2, render
         assert open_[i2 - 2 : i2 + 3, j2 - 2 : j2 + 3].max() > 0.2, render
 
 
 def test_300w_face_edges_shape_range_and_placement() -> None:
-    pts = face_300w()
+    # x = 130: the vertical nose line sits on crop column 130, sampled by render="star" (at x = 128 it
+    # would fall on the outer columns of cells 31/32 and vanish, see the aliasing test above)
+    pts = face_300w(cx=130.0)
     for render in ("star", "area"):
         hm = edge_heatmaps(pts, W300_68, render=render)
         assert hm.shape == (9, 64, 64) and hm.dtype == np.float32
