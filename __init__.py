@@ -9,4 +9,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Predictor", "__version__"]
+
+
+def __getattr__(name: str):
+    """Lazy public API: ``flare.Predictor`` without importing torch on ``import flare``."""
+    if name == "Predictor":
+        from flare.platform.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'flare' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from flare.datasets.ingest import decode_row, load_manifest
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.platform.plots import tile_grid, write_png
 
 TILE = 256
 
@@ -43,16 +43,6 @@ def inspect_dataset(directory: Path, png: Path | None = None, n: int = 16, seed:
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
     tiles = [render_sample(r, manifest.layout) for r in table.take(idx).to_pylist()]
-    cols = int(np.ceil(np.sqrt(len(tiles))))
-    rows = int(np.ceil(len(tiles) / cols))
-    grid = np.zeros((rows * TILE, cols * TILE, 3), np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        grid[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE] = t
-    out = Path(png or manifest.root / "inspect.png")
-    ok, buf = cv2.imencode(".png", grid)
-    if not ok:
-        raise ValueError(f"{out}: PNG encoding failed")
-    atomic_write_bytes(out, buf.tobytes())
+    out = write_png(Path(png or manifest.root / "inspect.png"), tile_grid(tiles, TILE))
     return {"counts": manifest.data["counts"], "skipped": len(manifest.data["skipped"]),
             "layout": manifest.data["layout"]}, out

@@ -144,6 +144,90 @@ def train(
                            "registered_version": outcome.registered_version}, sort_keys=True))
 
 
+# ---------------------------------------------------------------------------------------------- models
+
+
+@app.command("eval")
+@one_line_errors
+def eval_(
+    model: Annotated[str, typer.Argument(help="models:/name@alias, models:/name/version, a run id or a directory")],
+    data: Annotated[Path, typer.Option("--data", help="prepared dataset directory")],
+    split: Annotated[str, typer.Option("--split")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", help="write metrics.json, nme.json, ced.png here")] = None,
+    decoder: Annotated[Optional[str], typer.Option("--decoder", help="override: softargmax|argmax|argmax_refine")] = None,
+    normaliser: Annotated[Optional[str], typer.Option("--normaliser", help="inter_ocular|inter_pupil")] = None,
+) -> None:
+    """NME, FR and AUC overall and per subset, as JSON (and a CED plot with --out)."""
+    from flare.platform.evaluate import evaluate_model
+    from flare.platform.predictor import Predictor
+
+    summary = evaluate_model(Predictor.load(model), data, split, out, decoder, normaliser)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+
+
+@models_app.command("list")
+@one_line_errors
+def models_list() -> None:
+    """Registered models with their versions, aliases and validation NME."""
+    from flare.platform.registry import dump, list_models
+
+    typer.echo(dump(list_models()))
+
+
+@models_app.command("pull")
+@one_line_errors
+def models_pull(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
+    out: Annotated[Path, typer.Option("--out")],
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Download weights, config, layout and a model card."""
+    from flare.platform.registry import pull
+
+    typer.echo(f"pulled to {pull(ref, out, overwrite=overwrite)}")
+
+
+@models_app.command("promote")
+@one_line_errors
+def models_promote(
+    name: Annotated[str, typer.Argument()],
+    version: Annotated[str, typer.Argument()],
+    alias: Annotated[str, typer.Option("--alias")] = "champion",
+) -> None:
+    """Point an alias (default: champion) at a version."""
+    from flare.platform.registry import promote
+
+    promote(name, version, alias)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@app.command()
+@one_line_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    model: Annotated[str, typer.Option("--model", help="models:/name@alias, a run id or a directory")],
+    out: Annotated[Path, typer.Option("--out", help="output directory for JSON and overlay PNGs")],
+    box: Annotated[Optional[str], typer.Option("--box", help="x,y,w,h face box (instead of detection)")] = None,
+    no_detect: Annotated[bool, typer.Option("--no-detect", help="use the whole image as the face")] = False,
+) -> None:
+    """Landmarks per image (original pixels) as JSON plus an overlay PNG. Bad images are reported and
+    the others still processed; the exit code is 1 if any image failed."""
+    from flare.platform.predict_files import predict_files
+    from flare.platform.predictor import Predictor
+
+    boxes = None
+    if box is not None:
+        parts = box.split(",")
+        if len(parts) != 4:
+            raise ValueError(f"--box {box!r}: expected x,y,w,h")
+        boxes = [[float(v) for v in parts]]
+    failures = predict_files(Predictor.load(model), images, out, boxes, detect=not no_detect, log=typer.echo)
+    for path, reason in failures:
+        typer.echo(f"error: {path}: {reason}", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -37,6 +37,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Stacked hourglass with AAM (method.md 3)."""
 
+    layout: str | None = Field(None, description="expected landmark layout (wflw98, 300w68, cofw29); "
+                               "checked against the data before training")
     stacks: int = Field(4, ge=1, le=8)
     channels: int = Field(256, ge=8)
     depth: int = Field(4, ge=1, le=5)

@@ -109,6 +109,9 @@ def check_job(job: JobConfig) -> Manifest:
     for split in (job.data.train_split, job.data.val_split):
         manifest.shard_paths(split)
     layout = manifest.layout
+    if job.model.layout is not None and job.model.layout != layout.name:
+        raise ConfigError(f"model.layout: {job.model.layout} does not match the data's layout {layout.name} "
+                          f"({manifest.path})")
     if job.model.aam and layout.num_edges == 0:
         raise ConfigError(f"{manifest.path}: layout {layout.name} has no boundary groups; set model.aam=false")
     if job.objective.name == "rwsa" and job.heatmap_activation != "none":
@@ -141,7 +144,7 @@ def check_resources(job: JobConfig) -> None:
 
 
 def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
-          log=print) -> TrainOutcome:
+          log=print, worker_env: dict[str, str] | None = None) -> TrainOutcome:
     """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
     interrupted run: it continues from that run's latest checkpoint without redoing finished epochs."""
     import mlflow
@@ -188,6 +191,7 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
                                                checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -105,4 +105,9 @@ def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tens
                 extra_files=[str(state), str(meta)], registered_model_name=registered_model,
             )
     version = model_info.registered_model_version
-    return None if version is None else str(version)
+    if version is None:
+        return None
+    client = mlflow.MlflowClient()
+    for key, value in info.items():
+        client.set_model_version_tag(registered_model, str(version), key, str(value))
+    return str(version)

@@ -1,0 +1,79 @@
+"""``flare eval``: NME, FR and AUC of a model on a prepared split, overall and per subset (issue 4).
+
+Predictions are mapped to original-image pixels and compared with the unclamped ground truth
+(method.md 9.1, ``eval.space = "original"``); FR/AUC use the layout's threshold with the official
+grid (``parity``, 9.2). 300W subsets: common/challenge; WFLW: the six attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
+from flare.models.metrics import ced_curve, evaluate
+from flare.platform.checkpoints import atomic_write_bytes
+from flare.platform.predictor import Predictor
+from flare.platform.train_loop import predict_original
+
+SUBSETS_SKIPPED = {"full", "synthetic"}
+
+
+def predict_split(predictor: Predictor, data: Path, split: str, batch_size: int = 32,
+                  decoder: str | None = None) -> dict[str, Any]:
+    """Predictions and ground truth (original px) plus subset tags for every face of ``split``."""
+    manifest = load_manifest(data)
+    if manifest.layout.name != predictor.layout.name:
+        raise ValueError(f"{manifest.path}: layout {manifest.layout.name} does not match the model's "
+                         f"{predictor.layout.name}")
+    builder = BatchBuilder(manifest.layout, predictor.input_size, augment=False)
+    preds, gts, subsets, ids = [], [], [], []
+    for rows in iter_local_rows(manifest, split, batch_size):
+        batch = {k: v.to(predictor.device) for k, v in builder(rows).items()}
+        batch["to_original"] = batch["to_original"].cpu()
+        preds.append(predict_original(predictor.model, batch, decoder or predictor.decoder, predictor.input_size,
+                                      predictor.job.objective.rwsa.epsilon))
+        gts.append(batch["landmarks_original"].cpu().double().numpy())
+        subsets += [r["subsets"] for r in rows]
+        ids += [r["sample_id"] for r in rows]
+    return {"pred": np.concatenate(preds), "gt": np.concatenate(gts), "subsets": subsets, "ids": ids,
+            "layout": manifest.layout}
+
+
+def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: Path | None = None,
+                   decoder: str | None = None, normaliser: str | None = None) -> dict[str, Any]:
+    """Metrics overall and per subset; with ``out``, also ``metrics.json``, ``nme.json`` and ``ced.png``."""
+    res = predict_split(predictor, data, split, decoder=decoder)
+    layout = res["layout"]
+    names = sorted({s for tags in res["subsets"] for s in tags} - SUBSETS_SKIPPED)
+    masks = {n: np.array([n in tags for tags in res["subsets"]]) for n in names}
+    with torch.no_grad():
+        metrics = evaluate(res["pred"], res["gt"], layout, normaliser=normaliser, subsets=masks)
+    per_face = metrics.pop("nme_per_face")
+    summary = {"split": split, "faces": int(len(per_face)), "decoder": decoder or predictor.decoder,
+               "normaliser": normaliser or layout.default_normaliser, **_jsonable(metrics)}
+    if out is not None:
+        from flare.platform.plots import ced_plot
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "metrics.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(out / "nme.json", json.dumps(dict(zip(res["ids"], map(float, per_face)))).encode())
+        curves = {"all": ced_curve(per_face, layout.threshold)}
+        curves.update({n: ced_curve(per_face[m], layout.threshold) for n, m in masks.items() if m.any()})
+        ced_plot(curves, layout.threshold, out / "ced.png", title=f"CED on {split} (NME {summary['nme']*100:.2f}%)")
+    return summary
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x

@@ -1,0 +1,108 @@
+"""Figures people look at: CED curves, prediction overlays, STAR's PCA ellipses (paper Fig. 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from flare.platform.checkpoints import atomic_write_bytes
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def ced_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, path: Path, title: str = "") -> Path:
+    """CED(x) over [0, threshold] for each named curve (method.md 9.2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (xs, ced) in curves.items():
+        ax.plot(xs * 100, ced * 100, label=name)
+    ax.set_xlim(0, threshold * 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("NME (%)")
+    ax.set_ylabel("faces (%)")
+    ax.set_title(title or f"CED up to {threshold:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save_figure(fig, path)
+
+
+def draw_landmarks(image: np.ndarray, points: np.ndarray, color: tuple[int, int, int], radius: int = 2) -> np.ndarray:
+    """Draw (N, 2) pixel-centre points onto a copy of a BGR image."""
+    out = image.copy()
+    r = max(1, int(round(radius * max(image.shape[:2]) / 256)))
+    for x, y in np.asarray(points):
+        if np.isfinite(x) and np.isfinite(y):
+            cv2.circle(out, (int(round(x)), int(round(y))), r, color, -1, cv2.LINE_AA)
+    return out
+
+
+def tile_grid(tiles: list[np.ndarray], tile: int) -> np.ndarray:
+    """Square-ish grid of equally sized BGR tiles (black where the grid has no tile)."""
+    cols = int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / cols))
+    grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = t
+    return grid
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    """Encode a BGR image as PNG and write it atomically."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(Path(path), buf.tobytes())
+    return Path(path)
+
+
+GT_COLOR, PRED_COLOR = (0, 255, 0), (0, 0, 255)  # BGR: ground truth green, prediction red
+
+
+def overlay_grid(images: list[np.ndarray], preds: list[np.ndarray], gts: list[np.ndarray] | None, path: Path,
+                 tile: int = 256, titles: list[str] | None = None) -> Path:
+    """A grid of images with predictions (red) and ground truth (green), written as PNG."""
+    tiles = []
+    for i, img in enumerate(images):
+        t = draw_landmarks(img, gts[i], GT_COLOR) if gts is not None else img
+        t = draw_landmarks(t, preds[i], PRED_COLOR)
+        t = cv2.resize(t, (tile, tile), interpolation=cv2.INTER_AREA)
+        if titles:
+            cv2.putText(t, titles[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(t)
+    return write_png(path, tile_grid(tiles, tile))
+
+
+def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[np.ndarray], path: Path,
+                 tile: int = 256, scale: float = 2.0) -> Path:
+    """STAR's PCA view (paper Fig. 3): per landmark an ellipse of the heatmap covariance (axes =
+    ``scale`` x sqrt(eigenvalues), in crop px), over the input crops."""
+    tiles = []
+    for img, mu, cov in zip(images, means, covs):
+        t = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_LINEAR)
+        k = tile / img.shape[0]
+        for m, c in zip(mu, cov):
+            lam, vec = np.linalg.eigh(c)
+            lam = np.clip(lam, 0, None)
+            angle = float(np.degrees(np.arctan2(vec[1, 1], vec[0, 1])))
+            axes = (max(1, int(round(scale * np.sqrt(lam[1]) * k))), max(1, int(round(scale * np.sqrt(lam[0]) * k))))
+            center = (int(round((m[0] + 0.5) * k - 0.5)), int(round((m[1] + 0.5) * k - 0.5)))
+            cv2.ellipse(t, center, axes, angle, 0, 360, (0, 200, 255), 1, cv2.LINE_AA)
+        tiles.append(t)
+    return write_png(path, tile_grid(tiles, tile))
