@@ -36,6 +36,7 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.job, self.resume_from = job, resume_from
+        self.reports: list[dict[str, Any]] = []  # this execution's reports (rank 0 returns them)
         self.logger = None
         if self.rank == 0 and tracking_uri and run_id:
             from flare.platform.tracking import EpochLogger
@@ -74,6 +75,7 @@ class RaySession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
+        self.reports.append(metrics)
         if self.logger is not None:
             self.logger.log(metrics, int(metrics["epoch"]))
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -82,13 +84,15 @@ class RaySession:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
-def _ray_entry(config: dict[str, Any]) -> None:
-    """The function each Ray Train worker runs."""
+def _ray_entry(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The function each Ray Train worker runs; returns the metrics this execution reported (the
+    driver reads rank 0's as ``Result.return_value``: after a restart or a resume, only new epochs)."""
     from flare.platform.config import parse_job
 
     job = parse_job(config["job"])
     session = RaySession(job, config.get("tracking_uri"), config.get("run_id"), config.get("resume_from"))
     train_worker(config["job"], session)
+    return session.reports
 
 
 @dataclass
@@ -204,8 +208,7 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
         local = Path(tempfile.mkdtemp(prefix="flare-best-"))
         shutil.copytree(d, local, dirs_exist_ok=True)
     outcome = finish_run(job, local, run_id, tracking_uri, log)
-    history = list(result.metrics_dataframe.to_dict("records")) if result.metrics_dataframe is not None else []
-    outcome.storage, outcome.history = storage / name, history
+    outcome.storage, outcome.history = storage / name, list(result.return_value or [])
     del ray
     return outcome
 

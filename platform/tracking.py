@@ -31,19 +31,22 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 
 
 def setup(tracking_uri: str | None, experiment: str) -> str:
-    """Point MLflow at ``tracking_uri`` (or the default) and make sure ``experiment`` exists, with
-    artifacts next to a sqlite store. Returns the experiment id."""
+    """Point MLflow at ``tracking_uri`` (or the default) and make ``experiment`` the active one
+    (created with artifacts next to a sqlite store if new). Returns the experiment id."""
     import mlflow
 
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
 
 
 class EpochLogger:

@@ -18,3 +18,39 @@ def test_data() -> Path:
     if not (path / "300W").is_dir():
         pytest.skip(f"FLARE_TEST_DATA={root} has no 300W/ folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs, dashboard off), shut down at the end of the session."""
+    import ray
+
+    from flare.platform.ray_cluster import ensure_ray
+
+    ensure_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_300w(test_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real 300W shards from a subset of the shared data: afw (train, val carved from it) and
+    lfpw/testset (test). Prepared once per session in this process, without Ray."""
+    from flare.datasets.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("300w_subset")
+    (root / "lfpw").mkdir()
+    (root / "afw").symlink_to(test_data / "300W" / "afw")
+    (root / "lfpw" / "testset").symlink_to(test_data / "300W" / "lfpw" / "testset")
+    out = tmp_path_factory.mktemp("shards") / "300w"
+    prepare("300w", root, out, PrepareOptions(val_fraction=0.1, seed=0), engine="local")
+    return out
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store in a temp dir, for this test only."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

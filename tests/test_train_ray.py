@@ -1,0 +1,122 @@
+"""Distributed training on a real local Ray with a real sqlite MLflow and real 300W shards (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flare.datasets.readers import parse_pts
+from flare.platform.config import load_job
+from flare.platform.predictor import Predictor
+from flare.platform.ray_train import latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FLARE = str(Path(sys.executable).parent / "flare")
+
+
+def tiny_job(manifest: Path, uri: str, *extra: str):
+    return load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={manifest / 'manifest.json'}",
+                                                  f"mlflow.tracking_uri={uri}", *extra])
+
+
+def metric_steps(uri: str, run_id: str, key: str = "val_nme") -> list[int]:
+    return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_train_register_pull_predict(ray_cluster, small_300w: Path, mlflow_uri: str, tmp_path: Path,
+                                     test_data: Path) -> None:
+    job = tiny_job(small_300w, mlflow_uri)
+    out = train(job, storage=tmp_path / "runs", log=lambda s: None)
+    # the loss decreases and every epoch is reported once, with validation metrics
+    hist = sorted(out.history, key=lambda m: m["epoch"])
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[1]["train_total"] < hist[0]["train_total"]
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(out.run_id)
+    assert metric_steps(mlflow_uri, out.run_id) == [0, 1]
+    assert metric_steps(mlflow_uri, out.run_id, "train_total") == [0, 1]
+    assert run.data.params["objective.name"] == "star"
+    assert {"job.json"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    versions = client.search_model_versions("name = 'tiny-300w'")
+    assert [str(v.version) for v in versions] == ["1"] and out.registered_version == "1"
+    assert float(versions[0].tags["val_nme"]) == pytest.approx(out.best_metrics["val_nme"])
+
+    # pull, then predict through the CLI: same landmarks as the run's own best checkpoint
+    pulled = tmp_path / "pulled"
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([FLARE, "models", "pull", "tiny-300w/1", "--out", str(pulled)], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (pulled / "MODEL_CARD.md").read_text().startswith("# models:/tiny-300w/1")
+    images = sorted((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))[:3]
+    direct = Predictor.from_dir(out.best_checkpoint, device="cpu")
+    for img in images:
+        pts = parse_pts(img.with_suffix(".pts"))
+        x0, y0 = pts.min(0)
+        x1, y1 = pts.max(0)
+        box = f"{x0},{y0},{x1 - x0},{y1 - y0}"
+        r = subprocess.run([FLARE, "predict", str(img), "--model", str(pulled), "--out", str(tmp_path / "pred"),
+                            "--box", box], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        got = np.array(json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())["faces"][0])
+        import cv2
+
+        want = direct.predict(cv2.imread(str(img)), boxes=np.array([[x0, y0, x1 - x0, y1 - y0]]))[0]
+        assert got.shape == (68, 2)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert (tmp_path / "pred" / f"{img.stem}_overlay.png").stat().st_size > 0
+
+
+def test_worker_failure_restarts_from_checkpoint(ray_cluster, small_300w: Path, mlflow_uri: str,
+                                                 tmp_path: Path) -> None:
+    marker = tmp_path / "fault-marker"
+    job = tiny_job(small_300w, mlflow_uri, "mlflow.registered_model=null")
+    out = train(job, storage=tmp_path / "runs", log=lambda s: None,
+                worker_env={"FLARE_TEST_FAULT_EPOCH": "1", "FLARE_TEST_FAULT_MARKER": str(marker)})
+    assert marker.read_text().endswith("failed at epoch 1\n")  # the fault really happened
+    assert metric_steps(mlflow_uri, out.run_id) == [0, 1]  # no epoch logged twice
+    exp = MlflowClient(mlflow_uri).get_experiment_by_name("tests")
+    assert len(MlflowClient(mlflow_uri).search_runs([exp.experiment_id])) == 1
+    assert out.best_metrics["epoch"] in (0, 1)
+
+
+def test_resume_interrupted_run(ray_cluster, small_300w: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    marker = tmp_path / "fault-marker"
+    job = tiny_job(small_300w, mlflow_uri, "checkpoint.max_failures=0", "mlflow.registered_model=null")
+    with pytest.raises(Exception, match="fails once at epoch 1"):
+        train(job, storage=tmp_path / "runs", log=lambda s: None,
+              worker_env={"FLARE_TEST_FAULT_EPOCH": "1", "FLARE_TEST_FAULT_MARKER": str(marker)})
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("tests")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert metric_steps(mlflow_uri, run.info.run_id) == [0]
+    ckpt = latest_checkpoint(tmp_path / "runs" / run.data.tags["flare.ray_run_name"])
+    assert ckpt is not None
+    out = train(job, storage=tmp_path / "runs", resume=run.info.run_id, log=lambda s: None)
+    assert out.run_id == run.info.run_id
+    assert [h["epoch"] for h in out.history] == [1]  # the finished epoch 0 is not redone
+    assert metric_steps(mlflow_uri, run.info.run_id) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("objective.star.ww=1", "objective.star.ww: unknown key"),
+        ("data.manifest=/nonexistent/manifest.json", "/nonexistent/manifest.json: no such manifest"),
+        ("model.layout=wflw98", "model.layout: wflw98 does not match the data's layout 300w68"),
+    ],
+)
+def test_bad_specs_fail_before_workers(small_300w: Path, tmp_path: Path, override: str, needle: str) -> None:
+    r = subprocess.run([FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--set",
+                        f"data.manifest={small_300w / 'manifest.json'}", "--set", override],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
