@@ -228,6 +228,21 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+@one_line_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="demo output directory")] = Path("out/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="the same path at toy size (what CI runs)")] = False,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="your photos to predict on")] = None,
+) -> None:
+    """The whole platform on synthetic faces: prepare, train on local Ray, register, evaluate, predict."""
+    from flare.platform.demo import run_demo
+
+    summary = run_demo(out, quick=quick, images=images, log=typer.echo)
+    typer.echo("\nsummary:")
+    typer.echo(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
