@@ -11,7 +11,8 @@ import os
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """``ray.init`` once: local when ``address`` is None, else connect (``auto`` or ``ray://host:10001``)."""
+    """``ray.init`` once: connect to ``address`` (``auto``, ``ray://host:10001``) or, inside a Ray job,
+    to ``RAY_ADDRESS``; otherwise start an embedded local Ray."""
     import ray
 
     if ray.is_initialized():
@@ -19,6 +20,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     kwargs = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
     else:

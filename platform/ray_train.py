@@ -147,14 +147,64 @@ def check_resources(job: JobConfig) -> None:
         )
 
 
+def open_run(job: JobConfig, tracking_uri: str, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> tuple[str, str]:
+    """Start (and close) the MLflow run of one training run: params, job.json and the Ray run name
+    as a tag. Nested under ``parent_run_id`` when given (a Tune trial). Returns (run_id, ray name)."""
+    import mlflow
+
+    all_tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    with mlflow.start_run(run_name=job.name, tags=all_tags) as run:
+        run_id = run.info.run_id
+        name = f"{job.name}-{run_id[:8]}"
+        mlflow.set_tag("flare.ray_run_name", name)
+        mlflow.log_params({k: str(v)[:500] for k, v in job.flat().items()})
+        mlflow.log_dict(job.model_dump(mode="json"), "job.json")
+    return run_id, name
+
+
+def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, tracking_uri: str | None,
+                 run_id: str | None, resume_from: Path | None = None, worker_env: dict[str, str] | None = None,
+                 callbacks: list | None = None):
+    """The ``TorchTrainer`` of one run: workers from ``job.scaling``, the train split sharded and the
+    val split whole, best-k-by-val-NME checkpoints and worker-failure restarts."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    datasets = {"train": ray_dataset(manifest, job.data.train_split, job.data.max_train_samples),
+                "val": ray_dataset(manifest, job.data.val_split, job.data.max_val_samples)}
+    return TorchTrainer(
+        _ray_entry,
+        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "resume_from": str(resume_from) if resume_from else None},
+        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_best,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def local_best_checkpoint(result: Any) -> Path:
+    """Copy the val-selected checkpoint of a Ray Train result into a local temp directory."""
+    with best_checkpoint(result).as_directory() as d:
+        local = Path(tempfile.mkdtemp(prefix="flare-best-"))
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return local
+
+
 def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
           log=print, worker_env: dict[str, str] | None = None) -> TrainOutcome:
     """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
     interrupted run: it continues from that run's latest checkpoint without redoing finished epochs."""
     import mlflow
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from flare.platform import tracking
     from flare.platform.ray_cluster import ensure_ray
@@ -165,51 +215,19 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
     storage = Path(storage or Path.cwd() / "runs").resolve()
     resume_from = None
     if resume:
-        run = mlflow.get_run(resume)
-        name = run.data.tags.get("flare.ray_run_name")
+        name = mlflow.get_run(resume).data.tags.get("flare.ray_run_name")
         if not name:
             raise ConfigError(f"--resume {resume}: not a flare training run")
-        resume_from = latest_checkpoint(storage / name)
-        run_id = resume
-        mlflow.start_run(run_id=run_id).__exit__(None, None, None)
+        resume_from, run_id = latest_checkpoint(storage / name), resume
     else:
-        with mlflow.start_run(run_name=job.name) as run:
-            run_id = run.info.run_id
-            name = f"{job.name}-{run_id[:8]}"
-            mlflow.set_tag("flare.ray_run_name", name)
-            mlflow.log_params({k: str(v)[:500] for k, v in job.flat().items()})
-            mlflow.log_dict(job.model_dump(mode="json"), "job.json")
+        run_id, name = open_run(job, tracking_uri)
     ensure_ray(address)
     check_resources(job)
-    datasets = {"train": ray_dataset(manifest, job.data.train_split, job.data.max_train_samples),
-                "val": ray_dataset(manifest, job.data.val_split, job.data.max_val_samples)}
-    trainer = TorchTrainer(
-        _ray_entry,
-        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "resume_from": str(resume_from) if resume_from else None},
-        scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name, storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_best,
-                                               checkpoint_score_attribute=VAL_METRIC,
-                                               checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
-            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env).fit()
     if result.error is not None:
         raise result.error
-    best = best_checkpoint(result)
-    with best.as_directory() as d:
-        local = Path(tempfile.mkdtemp(prefix="flare-best-"))
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    outcome = finish_run(job, local, run_id, tracking_uri, log)
+    outcome = finish_run(job, local_best_checkpoint(result), run_id, tracking_uri, log)
     outcome.storage, outcome.history = storage / name, list(result.return_value or [])
-    del ray
     return outcome
 
 
