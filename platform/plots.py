@@ -90,7 +90,7 @@ def overlay_grid(images: list[np.ndarray], preds: list[np.ndarray], gts: list[np
 
 
 def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[np.ndarray], path: Path,
-                 tile: int = 256, scale: float = 2.0) -> Path:
+                 tile: int = 256, scale: float = 1.0) -> Path:
     """STAR's PCA view (paper Fig. 3): per landmark an ellipse of the heatmap covariance (axes =
     ``scale`` x sqrt(eigenvalues), in crop px), over the input crops."""
     tiles = []

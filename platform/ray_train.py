@@ -275,6 +275,10 @@ def finish_run(job: JobConfig, checkpoint: Path, run_id: str | None, tracking_ur
         model.load_state_dict(weights)
         version = tracking.log_flare_model(run_id, model, weights, meta, info, job.mlflow.registered_model,
                                            job.data.input_size)
+        from flare.platform.predictor import Predictor
+        from flare.platform.run_figures import log_run_figures
+
+        log_run_figures(run_id, Predictor(model.eval(), job, layout, info["decoder"], info, torch.device("cpu")))
         log(f"model logged to run {run_id}" + (f", registered {job.mlflow.registered_model} v{version}"
                                                if version else ""))
     return TrainOutcome(run_id, checkpoint, info, version, checkpoint, [])

@@ -1,0 +1,301 @@
+"""A local Ray head for trying cluster jobs: ``flare cluster up|down|status`` (issue 6).
+
+``up`` runs ``ray start --head`` (dashboard on 127.0.0.1, token authentication on) in a new process
+group and in its own Ray temp dir, so that plain ``ray.init()`` elsewhere on the machine never finds it.
+What it started is recorded in a state file (``$FLARE_CLUSTER_STATE``, default ``~/.flare/cluster.json``).
+``down`` stops exactly that process group and its descendants (never ``ray stop``, which kills every
+Ray process of the machine) and checks that none of them is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flare.platform.jobs import ClusterError, Token, default_token_path, find_token, probe
+
+START_TIMEOUT_S = 180.0
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class ClusterState:
+    """What ``flare cluster up`` started, as saved in the state file."""
+
+    pgid: int  # the process group of every process `ray start` spawned
+    pids: list[int]  # its members right after start (checked again by `down`)
+    temp_dir: str  # the Ray temp dir of this cluster only
+    session_dir: str
+    gcs_address: str
+    dashboard_url: str
+    num_cpus: int | None
+    token_source: str
+    started_at: float
+
+
+def state_path() -> Path:
+    """``$FLARE_CLUSTER_STATE`` or ``~/.flare/cluster.json``."""
+    env = os.environ.get("FLARE_CLUSTER_STATE")
+    return Path(env).expanduser() if env else Path.home() / ".flare" / "cluster.json"
+
+
+def load_state(path: Path | None = None) -> ClusterState | None:
+    """The recorded cluster, or None when there is no state file."""
+    path = path or state_path()
+    if not path.is_file():
+        return None
+    try:
+        return ClusterState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise ClusterError(f"{path}: unreadable cluster state ({err}); remove it if no cluster is running") \
+            from None
+
+
+def _save_state(state: ClusterState, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=1))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, command line) of every live (non-zombie) process, from POSIX ``ps``."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "pgid=", "-o", "stat=", "-o", "args="],
+                         capture_output=True, text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) >= 4 and not parts[3].startswith("Z"):
+            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[4] if len(parts) > 4 else "")
+    return table
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    return pid in process_table()
+
+
+def cluster_processes(state: ClusterState) -> list[int]:
+    """Live processes of the cluster: its process group plus all their descendants (job drivers start
+    their own sessions). Empty when the group no longer belongs to this cluster (none of its members
+    mentions the cluster's temp dir), so a reused id is never touched."""
+    table = process_table()
+    group = {pid for pid, (_, pgid, _) in table.items() if pgid == state.pgid}
+    if not any(state.temp_dir in table[pid][2] for pid in group):
+        return []
+    found, frontier = set(group), set(group)
+    while frontier:
+        frontier = {pid for pid, (ppid, _, _) in table.items() if ppid in frontier and pid not in found}
+        found |= frontier
+    return sorted(found)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = pids
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        table = process_table()
+        left = [p for p in left if p in table]
+    return left
+
+
+# ------------------------------------------------------------------------------------------ auth
+
+
+def ensure_token(log: Callable[[str], None]) -> Token:
+    """The token the head will require: the one Ray finds, or a new one (256 bits, mode 0600) saved where
+    Ray looks (``$RAY_AUTH_TOKEN_PATH`` if set, else ``~/.ray/auth_token``)."""
+    path_env = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not os.environ.get("RAY_AUTH_TOKEN", "").strip() and path_env and not Path(path_env).expanduser().exists():
+        path = Path(path_env).expanduser()
+    else:
+        token = find_token()
+        if token is not None:
+            return token
+        path = default_token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    log(f"generated a Ray auth token in {path}")
+    return Token(path.read_text().strip(), str(path))
+
+
+# ------------------------------------------------------------------------------------------ up/down
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def ray_executable() -> Path:
+    """The ``ray`` CLI of this environment (next to the running Python)."""
+    return Path(sys.executable).parent / "ray"
+
+
+def _running(state: ClusterState | None) -> bool:
+    return state is not None and bool(cluster_processes(state))
+
+
+def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
+       temp_dir: Path | None = None, log: Callable[[str], None] = print) -> ClusterState:
+    """Start a local Ray head with token authentication and record it (see the module docstring)."""
+    path = state_path()
+    old = load_state(path)
+    if _running(old):
+        raise ClusterError(f"a cluster started by flare is already up at {old.dashboard_url} (state {path}); "
+                           "run `flare cluster down` first")
+    token = ensure_token(log)
+    tmp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="flare-ray-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    agent_port = _free_port()
+    cmd = [str(ray_executable()), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dashboard_port), "--include-dashboard", "true", "--temp-dir", str(tmp),
+           "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(_free_port()),
+           "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    # token mode always; the venv first on PATH so that jobs' `python` is this environment's
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    start_log = tmp / "ray-start.log"
+    with open(start_log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        rc = proc.wait(timeout=START_TIMEOUT_S)
+    state = ClusterState(pgid=proc.pid, pids=[], temp_dir=str(tmp), session_dir="", gcs_address="",
+                         dashboard_url=f"http://127.0.0.1:{dashboard_port}", num_cpus=num_cpus,
+                         token_source=token.source, started_at=time.time())
+    if rc != 0:
+        _stop(state)
+        lines = [ln for ln in start_log.read_text().splitlines() if ln.strip()]
+        raise ClusterError(f"ray start failed (exit {rc}): {lines[-1] if lines else 'no output'} (log {start_log})")
+    state.session_dir = str((tmp / "session_latest").resolve())
+    state.gcs_address = (tmp / "ray_current_cluster").read_text().strip()
+    state.pids = cluster_processes(state)
+    _save_state(state, path)
+    try:
+        _wait_ready(state, token, agent_port)
+    except ClusterError:
+        down(log=lambda s: None)
+        raise
+    return state
+
+
+def _wait_ready(state: ClusterState, token: Token, agent_port: int) -> None:
+    """Until the dashboard answers with this token and the head's job agent listens."""
+    host = state.gcs_address.rsplit(":", 1)[0]
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            probe(state.dashboard_url, token, timeout=2.0)
+            if _port_open(host, agent_port):
+                return
+        except ClusterError as err:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the Ray head did not become ready: {err}") from None
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the Ray head's job agent never listened on {host}:{agent_port}")
+        time.sleep(0.5)
+
+
+def _stop(state: ClusterState) -> list[int]:
+    """SIGTERM the cluster's processes, SIGKILL what is left after a grace period; returns the pids
+    that were stopped and raises if any survives."""
+    targets = cluster_processes(state)
+    _signal_all(targets, signal.SIGTERM)
+    left = _wait_gone(targets, STOP_GRACE_S)
+    _signal_all(left, signal.SIGKILL)
+    left = _wait_gone(left, STOP_GRACE_S)
+    left += [p for p in cluster_processes(state) if p not in left]  # anything spawned meanwhile
+    if left:
+        raise ClusterError(f"processes of the cluster still alive after SIGKILL: {sorted(set(left))}")
+    return targets
+
+
+def down(keep_logs: bool = False, log: Callable[[str], None] = print) -> list[int]:
+    """Stop the cluster recorded in the state file; returns the stopped pids ([] when none was up)."""
+    path = state_path()
+    state = load_state(path)
+    if state is None:
+        log(f"no cluster started by flare (no {path})")
+        return []
+    stopped = _stop(state)
+    table = process_table()
+    survivors = [p for p in state.pids if p in table and table[p][1] == state.pgid]
+    if survivors:
+        raise ClusterError(f"recorded processes still alive: {survivors}")
+    path.unlink(missing_ok=True)
+    if keep_logs:
+        log(f"logs kept in {state.session_dir}/logs")
+    else:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+    log(f"stopped {len(stopped)} processes of the cluster at {state.dashboard_url}")
+    return stopped
+
+
+def status() -> dict[str, Any]:
+    """Whether the recorded cluster is up, with its address, processes and resources."""
+    path = state_path()
+    state = load_state(path)
+    if state is None:
+        return {"up": False, "state": str(path)}
+    procs = cluster_processes(state)
+    info: dict[str, Any] = {"up": bool(procs), "state": str(path), "dashboard": state.dashboard_url,
+                            "gcs_address": state.gcs_address, "processes": len(procs),
+                            "session_dir": state.session_dir, "auth_token": state.token_source}
+    if procs:
+        info["resources"] = resources(state.dashboard_url)
+    return info
+
+
+def resources(url: str) -> dict[str, Any]:
+    """Total and available resources (CPU, GPU, memory in GiB) from the dashboard's node summary."""
+    import requests
+
+    token = find_token()
+    headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+    try:
+        r = requests.get(f"{url}/api/cluster_status", params={"format": "0"}, headers=headers, timeout=5.0)
+        r.raise_for_status()
+        data = r.json()["data"]["clusterStatus"]["loadMetricsReport"]
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
+        return {"error": f"{type(err).__name__}: {err}"[:200]}
+    total, used = data.get("usage", {}), {}
+    for name, (u, t) in total.items():
+        used[name] = {"used": u, "total": t}
+    return used

@@ -1,0 +1,278 @@
+"""Ray Jobs glue behind ``flare submit`` and ``flare jobs`` (issue 6, "Cluster jobs").
+
+Talks to the head's dashboard (``http://HEAD:8265``) through ``JobSubmissionClient``. Token
+authentication is never disabled: the token is looked up the way Ray does (``RAY_AUTH_TOKEN``, then the
+file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``) and sent as ``Authorization: Bearer``.
+Every failure a user can cause (wrong address, no or wrong token, unknown job id) becomes a
+:class:`ClusterError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROBE_TIMEOUT_S = 5.0  # an unreachable head fails within this
+AGENT_WAIT_S = 60.0  # a freshly started head may take this long to accept its first job
+AUTH_HELP = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a file holding the token, or save it as "
+             "~/.ray/auth_token (`ray get-auth-token` prints it on the head node)")
+# flare subcommand -> the CLI words it runs on the cluster
+SUBMIT_COMMANDS: dict[str, tuple[str, ...]] = {"prepare": ("data", "prepare"), "train": ("train",),
+                                               "tune": ("tune",), "eval": ("eval",)}
+# the job runs the cluster's `python` (a head from `flare cluster up` puts the venv first on PATH)
+ENTRYPOINT = ("python", "-m", "flare.platform.cli")
+# never shipped: environments, results and data (anchored at the project root)
+EXCLUDES = ["/.venv", "/mlruns", "/runs", "/out", "/data", "/.git", "__pycache__", "*.egg-info", ".pytest_cache",
+            ".ruff_cache"]
+PASS_THROUGH_ENV = ("MLFLOW_TRACKING_URI",)
+_ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # JobSubmissionClient lets these override --address
+
+
+class ClusterError(Exception):
+    """An expected failure talking to a Ray cluster; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """A Ray auth token and where it was found (never the token itself in messages)."""
+
+    value: str
+    source: str
+
+
+def default_token_path() -> Path:
+    """Ray's default token file, ``~/.ray/auth_token`` (``$HOME`` decides ``~``)."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def find_token(env: Mapping[str, str] | None = None) -> Token | None:
+    """The token Ray would use, in Ray's precedence; None when there is none. A ``RAY_AUTH_TOKEN_PATH``
+    that cannot be read is an error (Ray treats it as fatal too)."""
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as err:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file ({err.strerror}); "
+                               f"{AUTH_HELP}") from None
+        if not value:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is empty; {AUTH_HELP}")
+        return Token(value, str(path))
+    path = default_token_path()
+    value = path.read_text().strip() if path.is_file() else ""
+    return Token(value, str(path)) if value else None
+
+
+def dashboard_url(address: str) -> str:
+    """``http://HOST:PORT`` of a head's dashboard (a bare ``HOST:PORT`` gets ``http://``)."""
+    url = address.strip().rstrip("/")
+    if url.startswith("ray://"):
+        raise ClusterError(f"--address {address}: give the dashboard address http://HEAD:8265, not a Ray Client "
+                           "address")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise ClusterError(f"--address {address}: expected http://HEAD:8265")
+    return url
+
+
+def _reason(err: Exception) -> str:
+    """The useful tail of a ``requests`` connection error, e.g. ``[Errno 111] Connection refused``."""
+    import requests
+
+    if isinstance(err, requests.exceptions.Timeout):
+        return f"no answer within {PROBE_TIMEOUT_S:g} s"
+    found = re.findall(r"\[Errno -?\d+\][^'\")]*", str(err))
+    return found[-1].strip() if found else type(err).__name__
+
+
+def probe(url: str, token: Token | None, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """Check that ``url`` is a Ray dashboard that accepts ``token``; return the cluster's Ray version."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+    try:
+        r = requests.get(f"{url}/api/version", headers=headers, timeout=timeout)
+    except requests.exceptions.RequestException as err:
+        raise ClusterError(f"cannot reach Ray at {url}: {_reason(err)}") from None
+    if r.status_code == 401:
+        raise ClusterError(f"the Ray cluster at {url} requires an auth token and none was found: {AUTH_HELP}")
+    if r.status_code == 403:
+        raise ClusterError(f"the Ray cluster at {url} rejected the auth token from {token.source if token else '?'}"
+                           f": {AUTH_HELP}")
+    try:
+        r.raise_for_status()
+        return str(r.json()["ray_version"])
+    except (ValueError, KeyError, requests.exceptions.HTTPError):
+        raise ClusterError(f"cannot reach Ray at {url}: GET /api/version answered HTTP {r.status_code}, "
+                           "not a Ray dashboard") from None
+
+
+@contextmanager
+def _only_explicit_address() -> Iterator[None]:
+    """``JobSubmissionClient`` lets ``RAY_ADDRESS``/``RAY_API_SERVER_ADDRESS`` override its argument;
+    hide them while it is built so the address flare resolved is the one used."""
+    saved = {k: os.environ.pop(k) for k in _ADDRESS_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextmanager
+def _calls(url: str, job_id: str | None = None) -> Iterator[None]:
+    """Turn the client's errors into one-line :class:`ClusterError` s."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except requests.exceptions.RequestException as err:
+        raise ClusterError(f"cannot reach Ray at {url}: {_reason(err)}") from None
+    except AuthenticationError:
+        raise ClusterError(f"the Ray cluster at {url} refused the request: {AUTH_HELP}") from None
+    except RuntimeError as err:
+        text = str(err)
+        if job_id is not None and ("404" in text or "does not exist" in text):
+            raise ClusterError(f"no job {job_id} on {url}") from None
+        raise ClusterError(f"Ray at {url}: {text.strip().splitlines()[0] if text.strip() else 'request failed'}") \
+            from None
+
+
+@dataclass
+class Connection:
+    """A checked connection to one head's Jobs API."""
+
+    url: str
+    client: Any  # ray.job_submission.JobSubmissionClient
+
+    def job_url(self, job_id: str) -> str:
+        """The dashboard page of a job."""
+        return f"{self.url}/#/jobs/{job_id}"
+
+
+def connect(address: str, env: Mapping[str, str] | None = None) -> Connection:
+    """Probe the head quickly (reachability, auth), then build the client with the token as a header."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = dashboard_url(address)
+    token = find_token(env)
+    probe(url, token)
+    headers = {"Authorization": f"Bearer {token.value}"} if token else None
+    with _only_explicit_address(), _calls(url):
+        client = JobSubmissionClient(url, headers=headers)
+    return Connection(url, client)
+
+
+def project_root() -> Path:
+    """The directory holding ``pyproject.toml``: the ``flare`` package itself (repo root = package)."""
+    import flare
+
+    return Path(flare.__file__).resolve().parent
+
+
+def entrypoint(command: str, args: list[str]) -> str:
+    """The shell command a job runs: ``python -m flare.platform.cli <words> ARGS...``."""
+    if command not in SUBMIT_COMMANDS:
+        raise ClusterError(f"cannot submit {command!r}: expected one of {', '.join(SUBMIT_COMMANDS)}")
+    return shlex.join([*ENTRYPOINT, *SUBMIT_COMMANDS[command], *args])
+
+
+def runtime_env(root: Path, package_link: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Ship the project twice-cheaply: as ``working_dir`` (the job's cwd, so ``jobs/*.yaml`` resolve)
+    and as the ``flare`` py_module (``package_link`` is a symlink named ``flare`` to ``root``), so the
+    driver and every worker import exactly this code. MLflow's URI is passed through when set."""
+    env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
+    out: dict[str, Any] = {"working_dir": str(root), "py_modules": [str(package_link)], "excludes": list(EXCLUDES)}
+    if env_vars:
+        out["env_vars"] = env_vars
+    return out
+
+
+def submit(conn: Connection, command: str, args: list[str], env: Mapping[str, str] | None = None,
+           root: Path | None = None) -> str:
+    """Submit ``flare <command> ARGS...`` as a Ray job; returns its submission id."""
+    import logging
+
+    env = os.environ if env is None else env
+    root = root or project_root()
+    line = entrypoint(command, args)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # packaging chatter
+    with tempfile.TemporaryDirectory(prefix="flare-submit-") as tmp:
+        link = Path(tmp) / "flare"
+        link.symlink_to(root, target_is_directory=True)
+        renv = runtime_env(root, link, env)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                with _calls(conn.url):
+                    return conn.client.submit_job(entrypoint=line, runtime_env=renv,
+                                                  metadata={"flare_command": command})
+            except ClusterError as err:
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
+
+
+def follow(conn: Connection, job_id: str, write: Callable[[str], None]) -> str:
+    """Stream a job's logs to ``write`` until it ends; returns its final status name."""
+
+    async def tail() -> None:
+        async for chunk in conn.client.tail_job_logs(job_id):
+            write(chunk)
+
+    with _calls(conn.url, job_id):
+        conn.client.get_job_status(job_id)  # unknown ids fail here, before the websocket
+        asyncio.run(tail())
+        status = conn.client.get_job_status(job_id)
+        deadline = time.monotonic() + 30.0
+        while not status.is_terminal() and time.monotonic() < deadline:  # logs can close before the status
+            time.sleep(0.5)
+            status = conn.client.get_job_status(job_id)
+    return str(status.value)
+
+
+def list_jobs(conn: Connection) -> list[dict[str, Any]]:
+    """All jobs of the cluster, oldest first, as plain dicts."""
+    with _calls(conn.url):
+        jobs = conn.client.list_jobs()
+    rows = [_row(j) for j in jobs]
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def _row(info: Any) -> dict[str, Any]:
+    return {"id": info.submission_id or info.job_id, "status": str(info.status.value if hasattr(info.status, "value")
+                                                                   else info.status),
+            "entrypoint": info.entrypoint, "message": info.message, "start_time": info.start_time,
+            "end_time": info.end_time}
+
+
+def job_status(conn: Connection, job_id: str) -> dict[str, Any]:
+    """One job's status, message, entrypoint, times (ms since the epoch) and dashboard page."""
+    with _calls(conn.url, job_id):
+        info = conn.client.get_job_info(job_id)
+    return {**_row(info), "dashboard": conn.job_url(job_id)}
+
+
+def job_logs(conn: Connection, job_id: str) -> str:
+    """Everything a job has logged so far."""
+    with _calls(conn.url, job_id):
+        return conn.client.get_job_logs(job_id)
+
+
+def stop_job(conn: Connection, job_id: str) -> bool:
+    """Ask a job to stop; False when it had already finished."""
+    with _calls(conn.url, job_id):
+        return bool(conn.client.stop_job(job_id))
