@@ -154,6 +154,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _check_free(port: int, flag: str) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise ClusterError(f"port {port} is in use (another Ray?); choose another with {flag}") from None
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1.0):
@@ -179,6 +187,8 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     if _running(old):
         raise ClusterError(f"a cluster started by flare is already up at {old.dashboard_url} (state {path}); "
                            "run `flare cluster down` first")
+    _check_free(port, "--port")
+    _check_free(dashboard_port, "--dashboard-port")
     token = ensure_token(log)
     tmp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="flare-ray-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -196,14 +206,20 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     with open(start_log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        rc = proc.wait(timeout=START_TIMEOUT_S)
+        try:
+            rc: int | None = proc.wait(timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
     state = ClusterState(pgid=proc.pid, pids=[], temp_dir=str(tmp), session_dir="", gcs_address="",
                          dashboard_url=f"http://127.0.0.1:{dashboard_port}", num_cpus=num_cpus,
                          token_source=token.source, started_at=time.time())
     if rc != 0:
         _stop(state)
         lines = [ln for ln in start_log.read_text().splitlines() if ln.strip()]
-        raise ClusterError(f"ray start failed (exit {rc}): {lines[-1] if lines else 'no output'} (log {start_log})")
+        why = f"exit {rc}" if rc is not None else f"no answer in {START_TIMEOUT_S:g} s"
+        raise ClusterError(f"ray start failed ({why}): {lines[-1] if lines else 'no output'} (log {start_log})")
     state.session_dir = str((tmp / "session_latest").resolve())
     state.gcs_address = (tmp / "ray_current_cluster").read_text().strip()
     state.pids = cluster_processes(state)
@@ -283,19 +299,25 @@ def status() -> dict[str, Any]:
     return info
 
 
+RESOURCE_UNITS = {"CPU": ("CPU", 1.0), "GPU": ("GPU", 1.0), "memory": ("memory_GiB", 2.0**30),
+                  "objectStoreMemory": ("object_store_GiB", 2.0**30)}
+
+
 def resources(url: str) -> dict[str, Any]:
-    """Total and available resources (CPU, GPU, memory in GiB) from the dashboard's node summary."""
+    """Used and total CPU, GPU and memory (GiB) from the dashboard's autoscaler report."""
     import requests
 
     token = find_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token else {}
     try:
-        r = requests.get(f"{url}/api/cluster_status", params={"format": "0"}, headers=headers, timeout=5.0)
+        r = requests.get(f"{url}/api/cluster_status", headers=headers, timeout=5.0)
         r.raise_for_status()
-        data = r.json()["data"]["clusterStatus"]["loadMetricsReport"]
+        usage = r.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
-        return {"error": f"{type(err).__name__}: {err}"[:200]}
-    total, used = data.get("usage", {}), {}
-    for name, (u, t) in total.items():
-        used[name] = {"used": u, "total": t}
-    return used
+        return {"error": f"cannot read resources from {url}: {type(err).__name__}"}
+    out = {}
+    for key, (name, unit) in RESOURCE_UNITS.items():
+        if key in usage:
+            used, total = usage[key]
+            out[name] = {"used": round(used / unit, 2), "total": round(total / unit, 2)}
+    return out

@@ -25,9 +25,9 @@ class DataConfig(_Section):
     """Which prepared dataset to read and how to crop it (issue 3 manifests)."""
 
     manifest: str = Field(description="path to a manifest.json written by `flare data prepare`")
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    train_split: str = Field("train", description="split trained on")
+    val_split: str = Field("val", description="split that selects epochs, weights and decoders")
+    test_split: str = Field("test", description="split evaluated once per finished run")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training faces")
     max_val_samples: int | None = Field(None, ge=1, description="use only the first N validation faces")
     input_size: int = Field(256, ge=64, le=256, description="crop side S in px; heatmaps are S/4")
@@ -39,107 +39,107 @@ class ModelConfig(_Section):
 
     layout: str | None = Field(None, description="expected landmark layout (wflw98, 300w68, cofw29); "
                                "checked against the data before training")
-    stacks: int = Field(4, ge=1, le=8)
-    channels: int = Field(256, ge=8)
-    depth: int = Field(4, ge=1, le=5)
-    aam: bool = True
+    stacks: int = Field(4, ge=1, le=8, description="hourglass stacks K")
+    channels: int = Field(256, ge=8, description="feature channels f")
+    depth: int = Field(4, ge=1, le=5, description="hourglass recursion depth (4: 64 -> 4 px)")
+    aam: bool = Field(True, description="AAM point and edge heads with E2H fusion (3.6)")
     heatmap_activation: Literal["in_relu", "none"] | None = Field(
         None, description="None picks the objective's: in_relu for star/l2/smoothl1, none for rwsa (3.5)"
     )
-    fusion: Literal["multiply", "none", "log_add"] = "multiply"
+    fusion: Literal["multiply", "none", "log_add"] = Field("multiply", description="AAM fusion of raw RwSA scores (3.6)")
 
 
 class StarConfig(_Section):
     """STAR loss knobs (method.md 4)."""
 
-    w: float = Field(1.0, ge=0)
-    distance: Literal["l1", "l2", "smoothl1", "wing", "awing"] = "smoothl1"
+    w: float = Field(1.0, ge=0, description="value-restriction weight (Eq. 7)")
+    distance: Literal["l1", "l2", "smoothl1", "wing", "awing"] = Field("smoothl1", description="per-component distance d (4.6)")
     s: float = Field(0.01, gt=0, description="smooth-l1 knee in normalised units")
-    restriction: Literal["value", "detach", "none"] = "value"
-    value_form: Literal["sum_abs", "half_sum"] = "sum_abs"
-    variant: Literal["v1", "v2"] = "v2"
+    restriction: Literal["value", "detach", "none"] = Field("value", description="eigenvalue restriction (4.7)")
+    value_form: Literal["sum_abs", "half_sum"] = Field("sum_abs", description="official code form or paper Eq. 7 form")
+    variant: Literal["v1", "v2"] = Field("v2", description="v2: per-component Eq. 6; v1: whitened norm (4.10)")
 
 
 class RwsaConfig(_Section):
     """RwSA loss knobs (method.md 5)."""
 
-    alpha: float = Field(1.0, ge=0)
-    epsilon: float = Field(1.0, gt=0)
+    alpha: float = Field(1.0, ge=0, description="margin weight alpha (5.2)")
+    epsilon: float = Field(1.0, gt=0, description="log-sum-exp temperature epsilon (5.2)")
     lam: float = Field(5000.0, ge=0, description="lambda of L_AWing + lambda * L_ours (Eq. A14)")
-    margin: Literal["smoothl1", "l1", "l2"] = "smoothl1"
-    reduction: Literal["pixel_mean", "landmark_mean"] = "pixel_mean"
-    target: Literal["bilinear", "nearest"] = "bilinear"
+    margin: Literal["smoothl1", "l1", "l2"] = Field("smoothl1", description="margin Delta (5.4)")
+    reduction: Literal["pixel_mean", "landmark_mean"] = Field("pixel_mean", description="reduction behind lambda (5.8)")
+    target: Literal["bilinear", "nearest"] = Field("bilinear", description="how smoothing samples enter the loss (5.6)")
 
 
 class SmoothingConfig(_Section):
     """Image-aware label smoothing (method.md 6); used by the rwsa objective."""
 
-    enabled: bool = True
-    gamma: float = Field(0.01, gt=0)
-    samples: int = Field(10, ge=1)
+    enabled: bool = Field(True, description="draw smoothing samples (else the annotated point)")
+    gamma: float = Field(0.01, gt=0, description="smoothing scale (0.001 for COFW)")
+    samples: int = Field(10, ge=1, description="samples per landmark per iteration")
     k: int = Field(7, ge=1, description="patch half-size; fixed at prepare time, checked against the manifest")
 
 
 class ObjectiveConfig(_Section):
     """The training objective and all its weights (method.md 4.8, 5.8)."""
 
-    name: Literal["star", "rwsa", "l2", "smoothl1"] = "star"
+    name: Literal["star", "rwsa", "l2", "smoothl1"] = Field("star", description="the landmark objective")
     star: StarConfig = StarConfig()
     rwsa: RwsaConfig = RwsaConfig()
     smoothing: SmoothingConfig = SmoothingConfig()
-    awing_point_weight: float = Field(10.0, ge=0)
-    awing_edge_weight: float = Field(10.0, ge=0)
+    awing_point_weight: float = Field(10.0, ge=0, description="AWing weight on the AAM point maps")
+    awing_edge_weight: float = Field(10.0, ge=0, description="AWing weight on the AAM edge maps")
     dr_weight: float = Field(0.0, ge=0, description="JS distribution regulariser (STAR ablation)")
 
 
 class OptimizerConfig(_Section):
     """Adam with MultiStep milestones (method.md 4.11, 5.10)."""
 
-    lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    milestones: list[int] = [200, 350, 450]
-    gamma: float = Field(0.1, gt=0)
-    epochs: int = Field(500, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    weight_decay: float = Field(0.0, ge=0, description="0 as in the official code")
+    milestones: list[int] = Field([200, 350, 450], description="epochs after which lr *= gamma")
+    gamma: float = Field(0.1, gt=0, description="MultiStep factor")
+    epochs: int = Field(500, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="global batch size, split over workers")
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="global gradient-norm clip (off for parity)")
 
 
 class EmaConfig(_Section):
     """EMA of weights and float buffers; decay 0.5^(128/10000) per step (method.md 4.11)."""
 
-    enabled: bool = True
-    decay: float = Field(0.5 ** (128 / 10000), gt=0, lt=1)
+    enabled: bool = Field(True, description="keep an EMA of the weights")
+    decay: float = Field(0.5 ** (128 / 10000), gt=0, lt=1, description="EMA decay per step")
 
 
 class ScalingConfig(_Section):
     """Ray Train scaling: workers, GPUs and CPUs per worker."""
 
-    workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; leave some for Ray Data")
 
 
 class CheckpointConfig(_Section):
     """Keep the best k checkpoints by val NME plus the latest."""
 
-    keep_best: int = Field(2, ge=1)
+    keep_best: int = Field(2, ge=1, description="checkpoints kept by val NME (plus the latest)")
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
 
 
 class MlflowConfig(_Section):
     """Tracking: URI (default sqlite under ./mlruns), experiment and registered model name."""
 
-    tracking_uri: str | None = None
-    experiment: str = "flare"
-    registered_model: str | None = None
+    tracking_uri: str | None = Field(None, description="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
+    experiment: str = Field("flare", description="MLflow experiment")
+    registered_model: str | None = Field(None, description="register the selected model under this name")
 
 
 class JobConfig(_Section):
     """A training job: one YAML file under ``jobs/``."""
 
-    name: str = "job"
-    seed: int = 0
+    name: str = Field("job", description="run name")
+    seed: int = Field(0, description="seeds the model, augmentation and shuffling")
     data: DataConfig
     model: ModelConfig = ModelConfig()
     objective: ObjectiveConfig = ObjectiveConfig()

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,7 +29,8 @@ AUTH_HELP = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a file holding th
 # flare subcommand -> the CLI words it runs on the cluster
 SUBMIT_COMMANDS: dict[str, tuple[str, ...]] = {"prepare": ("data", "prepare"), "train": ("train",),
                                                "tune": ("tune",), "eval": ("eval",)}
-# the job runs the cluster's `python` (a head from `flare cluster up` puts the venv first on PATH)
+# the job runs the cluster's `python` (a head from `flare cluster up` puts its venv first on PATH); `flare`
+# itself is the shipped copy (py_modules), whatever is installed there
 ENTRYPOINT = ("python", "-m", "flare.platform.cli")
 # never shipped: environments, results and data (anchored at the project root)
 EXCLUDES = ["/.venv", "/mlruns", "/runs", "/out", "/data", "/.git", "__pycache__", "*.egg-info", ".pytest_cache",
@@ -163,10 +165,21 @@ class Connection:
         return f"{self.url}/#/jobs/{job_id}"
 
 
+def _quiet_ray_client() -> None:
+    """The Jobs SDK and runtime-env packaging log every upload and websocket close at INFO."""
+    import logging
+
+    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("ray.dashboard.modules", "ray._private.runtime_env")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def connect(address: str, env: Mapping[str, str] | None = None) -> Connection:
     """Probe the head quickly (reachability, auth), then build the client with the token as a header."""
     from ray.job_submission import JobSubmissionClient
 
+    _quiet_ray_client()
     url = dashboard_url(address)
     token = find_token(env)
     probe(url, token)
@@ -190,12 +203,30 @@ def entrypoint(command: str, args: list[str]) -> str:
     return shlex.join([*ENTRYPOINT, *SUBMIT_COMMANDS[command], *args])
 
 
-def runtime_env(root: Path, package_link: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """Ship the project twice-cheaply: as ``working_dir`` (the job's cwd, so ``jobs/*.yaml`` resolve)
-    and as the ``flare`` py_module (``package_link`` is a symlink named ``flare`` to ``root``), so the
-    driver and every worker import exactly this code. MLflow's URI is passed through when set."""
+def stage_package(root: Path, dest: Path) -> Path:
+    """Copy the project's code to ``dest`` (a directory named ``flare``) for ``py_modules``, without
+    :data:`EXCLUDES`. Ray names packages by content hash, so the copy carries a marker file to differ from
+    the ``working_dir`` package (same content would reuse that zip, which has no ``flare/`` top folder)."""
+    top = {e.strip("/") for e in EXCLUDES if e.startswith("/")}
+    anywhere = [e for e in EXCLUDES if not e.startswith("/")]
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = set(shutil.ignore_patterns(*anywhere, "*.pyc")(folder, names))
+        skip |= {n for n in names if not (Path(folder, n).is_dir() or Path(folder, n).is_file())}  # sockets...
+        return skip | (top & set(names)) if Path(folder) == root else skip
+
+    shutil.copytree(root, dest, ignore=ignore, symlinks=True)
+    (dest / ".flare_py_module").write_text("the flare package, shipped by `flare submit`\n")
+    return dest
+
+
+def runtime_env(root: Path, package: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """The project as ``working_dir`` (the job's cwd, so relative paths like ``jobs/*.yaml`` resolve there)
+    and as the ``flare`` py_module (``package`` from :func:`stage_package`), so that the driver and every
+    worker import exactly this code, not a ``flare`` installed on the cluster. ``MLFLOW_TRACKING_URI``
+    is passed through when set."""
     env_vars = {k: env[k] for k in PASS_THROUGH_ENV if env.get(k)}
-    out: dict[str, Any] = {"working_dir": str(root), "py_modules": [str(package_link)], "excludes": list(EXCLUDES)}
+    out: dict[str, Any] = {"working_dir": str(root), "py_modules": [str(package)], "excludes": list(EXCLUDES)}
     if env_vars:
         out["env_vars"] = env_vars
     return out
@@ -204,16 +235,11 @@ def runtime_env(root: Path, package_link: Path, env: Mapping[str, str]) -> dict[
 def submit(conn: Connection, command: str, args: list[str], env: Mapping[str, str] | None = None,
            root: Path | None = None) -> str:
     """Submit ``flare <command> ARGS...`` as a Ray job; returns its submission id."""
-    import logging
-
     env = os.environ if env is None else env
     root = root or project_root()
     line = entrypoint(command, args)
-    logging.getLogger("ray").setLevel(logging.ERROR)  # packaging chatter
     with tempfile.TemporaryDirectory(prefix="flare-submit-") as tmp:
-        link = Path(tmp) / "flare"
-        link.symlink_to(root, target_is_directory=True)
-        renv = runtime_env(root, link, env)
+        renv = runtime_env(root, stage_package(root, Path(tmp) / "flare"), env)
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
@@ -253,8 +279,8 @@ def list_jobs(conn: Connection) -> list[dict[str, Any]]:
 
 
 def _row(info: Any) -> dict[str, Any]:
-    return {"id": info.submission_id or info.job_id, "status": str(info.status.value if hasattr(info.status, "value")
-                                                                   else info.status),
+    """A ``JobDetails``/``JobInfo`` as a plain dict (a driver without submission id shows its job id)."""
+    return {"id": info.submission_id or info.job_id, "status": str(getattr(info.status, "value", info.status)),
             "entrypoint": info.entrypoint, "message": info.message, "start_time": info.start_time,
             "end_time": info.end_time}
 

@@ -1,0 +1,236 @@
+"""Cluster jobs with real processes (issue 6): ``flare cluster up``, ``flare submit --wait`` of a tiny
+prepare + train job into a sqlite MLflow, ``flare jobs``, connectivity and auth errors, and
+``flare cluster down`` leaving none of the cluster's processes alive.
+
+The cluster gets its own HOME, state file and token file (``RAY_AUTH_TOKEN_PATH``) under tmp, so the
+user's ``~/.ray`` and ``~/.flare`` are never touched. It is always stopped (fixture finaliser).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flare.platform.jobs import ClusterError, entrypoint, find_token, stage_package
+
+FLARE = [str(Path(sys.executable).parent / "flare")]
+ROOT = Path(__file__).resolve().parents[1]
+HOST_ENV_DROP = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
+                 "MLFLOW_TRACKING_URI", "FLARE_CLUSTER_STATE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def flare(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(FLARE + args, check=False, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, state) of every process, read from /proc (independent of flare's `ps` use)."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            table[int(d.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def living(pids: set[int]) -> set[int]:
+    """The pids that still run (a zombie is dead: only its exit status is left to reap)."""
+    table = proc_table()
+    return {p for p in pids if p in table and table[p][2] not in ("Z", "X")}
+
+
+def group_and_descendants(pgid: int) -> set[int]:
+    table = proc_table()
+    found = {p for p, (_, g, _) in table.items() if g == pgid}
+    frontier = set(found)
+    while frontier:
+        frontier = {p for p, (pp, _, _) in table.items() if pp in frontier and p not in found}
+        found |= frontier
+    return found
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("the process checks read /proc (Linux)")
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if k not in HOST_ENV_DROP}
+    env.update(HOME=str(home), FLARE_CLUSTER_STATE=str(home / "flare" / "cluster.json"),
+               RAY_AUTH_TOKEN_PATH=str(home / "token"))
+    real_token = Path.home() / ".ray" / "auth_token"
+    real_before = real_token.stat().st_mtime_ns if real_token.exists() else None
+    dashboard = free_port()
+    r = flare(["cluster", "up", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-port", str(dashboard)],
+              env)
+    state_file = home / "flare" / "cluster.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"dashboard: http://127.0.0.1:{dashboard}" in r.stdout
+        yield {"env": env, "url": f"http://127.0.0.1:{dashboard}", "state": state, "home": home,
+               "real_token": (real_token, real_before)}
+    finally:
+        if state_file.exists():
+            flare(["cluster", "down"], env, timeout=60)
+        if state is not None and living(group_and_descendants(state["pgid"])):
+            os.killpg(state["pgid"], signal.SIGKILL)  # last resort: this group is the one this test started
+
+
+def test_up_uses_isolated_token(cluster) -> None:
+    token = cluster["home"] / "token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) == 64  # 256-bit hex
+    real, before = cluster["real_token"]
+    assert (real.stat().st_mtime_ns if real.exists() else None) == before
+    assert not (cluster["home"] / ".ray").exists()
+    state = cluster["state"]
+    assert state["dashboard_url"] == cluster["url"] and len(state["pids"]) >= 3  # gcs, raylet, dashboard, ...
+    assert living(set(state["pids"])) == set(state["pids"])
+    r = flare(["cluster", "status"], cluster["env"])
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and info["up"] and info["resources"]["CPU"]["total"] == 2.0
+
+
+def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
+    env, url = cluster["env"], cluster["url"]
+    r = flare(["submit", "prepare", "--format", "synthetic", "--count", "40", "--out", str(tmp_path / "data"),
+               "--no-ray", "--address", url, "--wait"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prepare_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert f"dashboard: {url}/#/jobs/{prepare_id}" in r.stdout and f"job {prepare_id} SUCCEEDED" in r.stdout
+    assert (tmp_path / "data" / "manifest.json").is_file()  # written by the job, on this (shared) disk
+
+    # MLFLOW_TRACKING_URI only in the submitting shell: the job must receive it (the cluster does not have it)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    r = flare(["submit", "train", "jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'data' / 'manifest.json'}",
+               "--set", "optimizer.epochs=1", "--address", url, "--wait"], {**env, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    train_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert f"job {train_id} SUCCEEDED" in r.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optimizer.epochs"] == "1"
+    (version,) = client.search_model_versions("name = 'tiny-300w'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+
+    # the jobs commands see both (the default address is the head of `flare cluster up`)
+    r = flare(["jobs", "list"], env)
+    rows = {line.split("\t")[0]: line.split("\t")[1] for line in r.stdout.strip().splitlines()}
+    assert r.returncode == 0 and rows[prepare_id] == rows[train_id] == "SUCCEEDED"
+    r = flare(["jobs", "status", train_id], env)
+    info = json.loads(r.stdout)
+    assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("python -m flare.platform.cli train ")
+    r = flare(["jobs", "logs", train_id, "--address", url], env)
+    assert r.returncode == 0 and f"model logged to run {run.info.run_id}, registered tiny-300w v1" in r.stdout
+
+
+def test_failed_and_stopped_jobs_exit_1(cluster, tmp_path: Path) -> None:
+    env, url = cluster["env"], cluster["url"]
+    r = flare(["submit", "train", "jobs/no-such-spec.yaml", "--address", url, "--wait"], env)
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert r.returncode == 1 and f"job {job_id} FAILED" in r.stdout
+    r = flare(["submit", "prepare", "--format", "synthetic", "--count", "100000", "--out", str(tmp_path / "big"),
+               "--no-ray", "--address", url], env)
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    r = flare(["jobs", "stop", job_id, "--address", url], env)
+    assert r.returncode == 0 and f"stop requested for {job_id}" in r.stdout
+    r = flare(["jobs", "logs", job_id, "--follow", "--address", url], env)
+    assert r.returncode == 1 and f"job {job_id} STOPPED" in r.stdout
+    assert json.loads(flare(["jobs", "status", job_id], env).stdout)["status"] == "STOPPED"
+
+
+def test_wrong_address_is_one_line_and_quick(cluster) -> None:
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    for args in (["jobs", "list", "--address", f"http://127.0.0.1:{port}"],
+                 ["submit", "train", "jobs/tiny.yaml", "--address", f"127.0.0.1:{port}", "--wait"]):
+        r = flare(args, cluster["env"])
+        assert r.returncode == 2
+        assert one_error_line(r).startswith(f"error: cannot reach Ray at http://127.0.0.1:{port}: ")
+    assert time.monotonic() - t0 < 60
+
+
+def test_missing_and_wrong_token(cluster, tmp_path: Path) -> None:
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    before = flare(["jobs", "list"], cluster["env"]).stdout
+    for args in (["jobs", "list", "--address", cluster["url"]],
+                 ["submit", "prepare", "--format", "synthetic", "--address", cluster["url"]]):
+        r = flare(args, env)
+        assert r.returncode == 2
+        line = one_error_line(r)
+        assert f"the Ray cluster at {cluster['url']} requires an auth token and none was found" in line
+        assert "RAY_AUTH_TOKEN" in line and "RAY_AUTH_TOKEN_PATH" in line and "~/.ray/auth_token" in line
+    r = flare(["jobs", "list", "--address", cluster["url"]], {**env, "RAY_AUTH_TOKEN": "0" * 64})
+    assert r.returncode == 2 and "rejected the auth token from RAY_AUTH_TOKEN" in one_error_line(r)
+    assert flare(["jobs", "list"], cluster["env"]).stdout == before  # nothing was submitted
+
+
+def test_down_leaves_no_process(cluster) -> None:
+    state = cluster["state"]
+    running = group_and_descendants(state["pgid"])
+    assert set(state["pids"]) <= running and living(running)
+    r = flare(["cluster", "down"], cluster["env"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert living(running | set(state["pids"]) | group_and_descendants(state["pgid"])) == set()
+    assert not Path(cluster["env"]["FLARE_CLUSTER_STATE"]).exists() and not Path(state["temp_dir"]).exists()
+    r = flare(["cluster", "status"], cluster["env"])
+    assert r.returncode == 1 and json.loads(r.stdout)["up"] is False
+
+
+# ------------------------------------------------------------------------------ no cluster needed
+
+
+def test_token_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    (tmp_path / "file").write_text("  from-file \n")
+    assert find_token({}).value == "from-home"
+    assert find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "file")}).value == "from-file"
+    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "file")}).value == \
+        "from-env"
+    with pytest.raises(ClusterError, match="cannot read the token file"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    (tmp_path / ".ray" / "auth_token").unlink()
+    assert find_token({}) is None
+
+
+def test_entrypoint_and_shipped_package(tmp_path: Path) -> None:
+    assert entrypoint("prepare", ["--format", "synthetic", "--out", "/tmp/a b"]) == \
+        "python -m flare.platform.cli data prepare --format synthetic --out '/tmp/a b'"
+    assert entrypoint("train", ["jobs/tiny.yaml"]) == "python -m flare.platform.cli train jobs/tiny.yaml"
+    with pytest.raises(ClusterError, match="cannot submit 'predict'"):
+        entrypoint("predict", [])
+    pkg = stage_package(ROOT, tmp_path / "flare")
+    assert (pkg / "platform" / "cli.py").read_bytes() == (ROOT / "platform" / "cli.py").read_bytes()
+    assert (pkg / "jobs" / "tiny.yaml").is_file() and (pkg / ".flare_py_module").is_file()
+    for name in (".venv", "mlruns", ".git", "runs", "out", "data"):
+        assert not (pkg / name).exists()
+    assert not list(pkg.rglob("__pycache__"))
