@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from flare.platform.cli import one_line_errors
 
 AddressOpt = Annotated[str | None, typer.Option("--address", help="the head's dashboard, http://HEAD:8265 "
                                                    "(default: $RAY_API_SERVER_ADDRESS, else `flare cluster up`'s)")]
@@ -69,6 +68,8 @@ def _follow_and_exit(conn, job_id: str) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``cluster``, ``jobs`` and ``submit`` to ``app`` (once; calling it again changes nothing)."""
+    from flare.platform.cli import one_line_errors  # here, not at the top: cli.py imports this module
+
     if any(group.name == "cluster" for group in app.registered_groups):
         return
     cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head for trying cluster jobs.")

@@ -159,7 +159,7 @@ def _check_free(port: int, flag: str) -> None:
         try:
             s.bind(("", port))
         except OSError:
-            raise ClusterError(f"port {port} is in use (another Ray?); choose another with {flag}") from None
+            raise ClusterError(f"port {port} is in use; choose another with {flag}") from None
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -1,0 +1,31 @@
+"""``flare demo --quick``: the main job end to end on a fresh directory (issue 6), as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+FLARE = str(Path(sys.executable).parent / "flare")
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    r = subprocess.run([FLARE, "demo", "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "demo" / "summary.json").read_text())
+    assert summary["data"].startswith("SYNTHETIC")
+    assert len(summary["val_nme_per_epoch"]) == 2
+    assert 0 < summary["test_nme"] < 10
+    overlays = sorted((tmp_path / "out" / "demo" / "predictions").glob("*_overlay.png"))
+    assert len(overlays) == 6
+    # the embedded default store: sqlite under ./mlruns, with the champion alias on the registered model
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("demo-synthetic-star", "champion")
+    assert champion.run_id == summary["run_id"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in summary["mlflow_ui"] and "127.0.0.1" in summary["mlflow_ui"]
