@@ -243,6 +243,11 @@ def demo(
     typer.echo(json.dumps(summary, indent=2))
 
 
+from flare.platform.cli_cluster import register as _register_cluster  # noqa: E402
+
+_register_cluster(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

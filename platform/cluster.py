@@ -304,20 +304,27 @@ RESOURCE_UNITS = {"CPU": ("CPU", 1.0), "GPU": ("GPU", 1.0), "memory": ("memory_G
 
 
 def resources(url: str) -> dict[str, Any]:
-    """Used and total CPU, GPU and memory (GiB) from the dashboard's autoscaler report."""
+    """Alive nodes and their total CPU, GPU and memory (GiB) from the dashboard's node summary, with the
+    amount in use from the autoscaler report once it has one (a few seconds after start)."""
     import requests
 
     token = find_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token else {}
     try:
-        r = requests.get(f"{url}/api/cluster_status", headers=headers, timeout=5.0)
+        r = requests.get(f"{url}/nodes", params={"view": "summary"}, headers=headers, timeout=5.0)
         r.raise_for_status()
-        usage = r.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+        nodes = [n["raylet"] for n in r.json()["data"]["summary"] if n.get("raylet", {}).get("state") == "ALIVE"]
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
         return {"error": f"cannot read resources from {url}: {type(err).__name__}"}
-    out = {}
+    try:
+        r = requests.get(f"{url}/api/cluster_status", headers=headers, timeout=5.0)
+        usage = r.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError):
+        usage = {}
+    out: dict[str, Any] = {"nodes": len(nodes)}
     for key, (name, unit) in RESOURCE_UNITS.items():
-        if key in usage:
-            used, total = usage[key]
-            out[name] = {"used": round(used / unit, 2), "total": round(total / unit, 2)}
+        total = sum(float(n.get("resourcesTotal", {}).get(key, 0.0)) for n in nodes)
+        if total:
+            used = usage.get(key, [None])[0]
+            out[name] = {"total": round(total / unit, 2), "used": None if used is None else round(used / unit, 2)}
     return out
