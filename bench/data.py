@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+
 from flare.datasets.augment import AugmentConfig, augment_sample, heatmap_matrix, to_tensor_image
 from flare.datasets.ingest import BatchBuilder, Manifest, decode_row, load_manifest
 from flare.datasets.prepare import PrepareOptions, prepare

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from flare.losses.star import STARLoss, weighted_moments
 from torch import Tensor
+
+from flare.losses.star import STARLoss, weighted_moments
 
 B, N, H, W = 32, 98, 64, 64
 

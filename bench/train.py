@@ -109,10 +109,11 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def run_case(case: Case) -> Result:
     """Build model, objective, Adam and EMA as the training loop does; time ``case.steps`` steps."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
     from flare.models.layouts import get_layout
     from flare.platform.config import load_job
     from flare.platform.train_loop import build_model, make_objective
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     base_mb = _rss_mb()
     device = torch.device(case.device)

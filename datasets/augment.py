@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+
 from flare.models.layouts import Layout
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from flare.datasets.readers import write_pts
 from flare.datasets.records import FaceRecord, landmark_box
 

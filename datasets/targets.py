@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flare.models.layouts import Layout
 from scipy import interpolate
+
+from flare.models.layouts import Layout
 
 EdgeRender = Literal["star", "area"]
 

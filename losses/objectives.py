@@ -15,11 +15,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from flare.losses.awing import awing_loss, js_gaussian_regulariser
 from flare.losses.rwsa import RWSALoss
 from flare.losses.star import STARLoss
 from flare.models.hourglass import StackOutput
-from torch import Tensor, nn
 
 SOFTARGMAX_DISTANCES = ("smoothl1", "l2")
 SUM_EPS = 1e-6  # method.md 4.1

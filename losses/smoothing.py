@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from flare.models.layouts import Layout, get_layout
 from torch import Tensor
+
+from flare.models.layouts import Layout, get_layout
 
 _GAMMA = {"wflw98": 0.01, "300w68": 0.01, "cofw29": 0.001}  # method.md 6.1 / 5.10 [RA]
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-from flare.losses.distances import DISTANCES, Distance, get_distance
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from flare.losses.distances import DISTANCES, Distance, get_distance
 
 __all__ = [
     "STARLoss",

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flare.models.layouts import Layout
 from torch import Tensor, nn
+
+from flare.models.layouts import Layout
 
 HEATMAP_ACTIVATIONS = ("in_relu", "none")
 FUSIONS = ("multiply", "none", "log_add")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -63,14 +63,14 @@ def version() -> None:
 def data_prepare(
     fmt: Annotated[str, typer.Option("--format", help="wflw|300w|cofw|adnet|synthetic")],
     out: Annotated[Path, typer.Option("--out", help="output directory (created atomically)")],
-    root: Annotated[Optional[Path], typer.Option("--root", help="dataset root in its original layout")] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="dataset root in its original layout")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     on_error: Annotated[str, typer.Option("--on-error", help="fail|skip")] = "fail",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset whole")] = False,
     count: Annotated[int, typer.Option("--count", help="synthetic faces to generate")] = 600,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="process in this process, without Ray")] = False,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray address (default: local)")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray address (default: local)")] = None,
 ) -> None:
     """Convert a benchmark (or synthetic faces) into Parquet shards + manifest.json."""
     from flare.datasets.prepare import PrepareOptions, prepare
@@ -95,7 +95,7 @@ def data_prepare(
 @one_line_errors
 def data_inspect(
     directory: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
-    png: Annotated[Optional[Path], typer.Option("--png", help="grid image path")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="grid image path")] = None,
     n: Annotated[int, typer.Option("--n", help="samples in the grid")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
@@ -114,13 +114,13 @@ def data_inspect(
 @one_line_errors
 def train(
     job_file: Annotated[Path, typer.Argument(help="job spec YAML (jobs/*.yaml)")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a.b=value (repeatable)")] = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="auto | ray://HOST:10001")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a.b=value (repeatable)")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="auto | ray://HOST:10001")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="MLflow run id to continue")] = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="single process without Ray or MLflow")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="--no-ray output directory")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
-    storage: Annotated[Optional[Path], typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="--no-ray output directory")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
+    storage: Annotated[Path | None, typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
 ) -> None:
     """Train a job spec on Ray Train (or in one process with --no-ray)."""
     from flare.platform.config import load_job
@@ -153,9 +153,9 @@ def eval_(
     model: Annotated[str, typer.Argument(help="models:/name@alias, models:/name/version, a run id or a directory")],
     data: Annotated[Path, typer.Option("--data", help="prepared dataset directory")],
     split: Annotated[str, typer.Option("--split")] = "test",
-    out: Annotated[Optional[Path], typer.Option("--out", help="write metrics.json, nme.json, ced.png here")] = None,
-    decoder: Annotated[Optional[str], typer.Option("--decoder", help="override: softargmax|argmax|argmax_refine")] = None,
-    normaliser: Annotated[Optional[str], typer.Option("--normaliser", help="inter_ocular|inter_pupil")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write metrics.json, nme.json, ced.png here")] = None,
+    decoder: Annotated[str | None, typer.Option("--decoder", help="override: softargmax|argmax|argmax_refine")] = None,
+    normaliser: Annotated[str | None, typer.Option("--normaliser", help="inter_ocular|inter_pupil")] = None,
 ) -> None:
     """NME, FR and AUC overall and per subset, as JSON (and a CED plot with --out)."""
     from flare.platform.evaluate import evaluate_model
@@ -207,7 +207,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     model: Annotated[str, typer.Option("--model", help="models:/name@alias, a run id or a directory")],
     out: Annotated[Path, typer.Option("--out", help="output directory for JSON and overlay PNGs")],
-    box: Annotated[Optional[str], typer.Option("--box", help="x,y,w,h face box (instead of detection)")] = None,
+    box: Annotated[str | None, typer.Option("--box", help="x,y,w,h face box (instead of detection)")] = None,
     no_detect: Annotated[bool, typer.Option("--no-detect", help="use the whole image as the face")] = False,
 ) -> None:
     """Landmarks per image (original pixels) as JSON plus an overlay PNG. Bad images are reported and
@@ -233,7 +233,7 @@ def predict(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="demo output directory")] = Path("out/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="the same path at toy size (what CI runs)")] = False,
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="your photos to predict on")] = None,
+    images: Annotated[list[Path] | None, typer.Option("--images", help="your photos to predict on")] = None,
 ) -> None:
     """The whole platform on synthetic faces: prepare, train on local Ray, register, evaluate, predict."""
     from flare.platform.demo import run_demo
@@ -243,7 +243,7 @@ def demo(
     typer.echo(json.dumps(summary, indent=2))
 
 
-from flare.platform.cli_cluster import register as _register_cluster  # noqa: E402
+from flare.platform.cli_cluster import register as _register_cluster
 
 _register_cluster(app)
 

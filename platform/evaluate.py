@@ -54,7 +54,7 @@ def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: P
     with torch.no_grad():
         metrics = evaluate(res["pred"], res["gt"], layout, normaliser=normaliser, subsets=masks)
     per_face = metrics.pop("nme_per_face")
-    summary = {"split": split, "faces": int(len(per_face)), "decoder": decoder or predictor.decoder,
+    summary = {"split": split, "faces": len(per_face), "decoder": decoder or predictor.decoder,
                "normaliser": normaliser or layout.default_normaliser, **_jsonable(metrics)}
     if out is not None:
         from flare.platform.plots import ced_plot

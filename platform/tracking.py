@@ -63,9 +63,9 @@ class EpochLogger:
     def log(self, metrics: dict[str, Any], epoch: int) -> bool:
         if epoch in self.logged:
             return False
-        from mlflow.entities import Metric
-
         import time
+
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()

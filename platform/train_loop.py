@@ -28,7 +28,7 @@ from flare.losses.smoothing import sample_smoothing
 from flare.models.decode import argmax_decode, heatmap_px_to_label, label_to_crop, soft_argmax
 from flare.models.hourglass import StackedHourglass, stacked_hourglass
 from flare.models.layouts import Layout
-from flare.models.metrics import evaluate, nme_per_face
+from flare.models.metrics import evaluate
 from flare.platform.checkpoints import load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
 

@@ -8,6 +8,8 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from flare.datasets.augment import (
     AugmentConfig,
     apply_texture,
@@ -20,7 +22,6 @@ from flare.datasets.augment import (
 )
 from flare.datasets.targets import edge_heatmaps
 from flare.models.layouts import COFW29, W300_68, WFLW98
-from scipy import ndimage
 
 LOOSE = 384  # loose-crop side (source image of the warp)
 CENTER = np.array([191.5, 191.5])

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from flare.platform.jobs import ClusterError, entrypoint, find_token, stage_package
 
 FLARE = [str(Path(sys.executable).parent / "flare")]

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from flare.platform.config import ConfigError, JobConfig, apply_overrides, load_job, parse_job
 from pydantic import BaseModel
+
+from flare.platform.config import ConfigError, JobConfig, apply_overrides, load_job, parse_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"

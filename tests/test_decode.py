@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from flare.models.decode import (
     apply_affine,
     argmax_decode,

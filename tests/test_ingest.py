@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from flare.datasets.ingest import (
     BatchBuilder,
     Manifest,

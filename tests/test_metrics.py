@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flare.models.layouts import COFW29, W300_68, WFLW98
 from flare.models.metrics import ced_curve, ced_fr_auc, evaluate, nme_per_face, simpson
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from flare.models.hourglass import (
     Residual,
     StackedHourglass,

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from flare.losses.awing import awing_loss, js_gaussian_regulariser
 from flare.losses.objectives import (
     RwsaObjective,

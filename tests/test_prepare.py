@@ -23,10 +23,11 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
 from flare.datasets.prepare import PrepareOptions, prepare
 from flare.datasets.synthetic import write_synthetic_folder
 from flare.platform.cli import app
-from typer.testing import CliRunner
 
 W300_TRAIN = {"afw": "afw", "helen/trainset": "helen", "lfpw/trainset": "lfpw"}
 W300_TEST = {"helen/testset": "helen", "lfpw/testset": "lfpw"}

@@ -15,6 +15,8 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from scipy.io import savemat
+
 from flare.datasets.readers import (
     clean_legacy_path,
     parse_pts,
@@ -26,7 +28,6 @@ from flare.datasets.readers import (
     read_wflw,
 )
 from flare.datasets.records import DataError, FaceRecord, FileImage, crop_center_scale
-from scipy.io import savemat
 
 W300_FOLDERS = {"afw": 337, "helen/trainset": 870, "helen/testset": 330, "lfpw/trainset": 805, "lfpw/testset": 224}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from flare.losses.rwsa import (
     RWSALoss,
     bilinear_splat,

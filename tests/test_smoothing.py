@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from flare.losses.smoothing import (
     blur_sharpen,
     default_gamma,

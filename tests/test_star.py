@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from flare.losses.distances import get_distance
 from flare.losses.star import STARLoss, degenerate_mask, eig2x2, weighted_moments
 

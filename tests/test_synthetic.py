@@ -7,6 +7,7 @@ import pickle
 import cv2
 import numpy as np
 import pytest
+
 from flare.datasets.readers import read_300w
 from flare.datasets.synthetic import canonical_landmarks, generate_synthetic, write_synthetic_folder
 from flare.models.layouts import W300_68, WFLW98

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import interpolate
+
 from flare.datasets.targets import (
     edge_heatmaps,
     fit_curve,
@@ -17,7 +19,6 @@ from flare.datasets.targets import (
     point_heatmaps_torch,
 )
 from flare.models.layouts import COFW29, W300_68, WFLW98, BoundaryGroup, Layout
-from scipy import interpolate
 
 
 def face_300w(cx: float = 128.0, cy: float = 128.0, r: float = 70.0) -> np.ndarray:
