@@ -1,8 +1,8 @@
 """Training throughput and peak memory of one full train step (issue 4 "Benchmarks").
 
 A step is what ``flare.platform.train_loop.train_worker`` does per batch: forward, the job's objective (STAR,
-method.md 4.8), backward, Adam step and the EMA update (``AveragedModel`` + ``get_ema_multi_avg_fn``, 4.11), on
-synthetic tensors of the right shapes. Cases:
+method.md 4.8), backward, Adam step and the EMA update (``AveragedModel`` + ``get_ema_multi_avg_fn``,
+4.11), on synthetic tensors of the right shapes. Cases:
 
 - ``full``: the WFLW STAR recipe model (``jobs/wflw_star.yaml``: 98 points, 4 stacks, 256 ch, 256 px, AAM),
   plus the same step under ``torch.autograd.set_detect_anomaly(True)`` (the official code's setting);
@@ -12,7 +12,8 @@ On CUDA each model also runs with bf16 autocast + channels_last, with the model 
 (34.7 GFLOPs per 256^2 forward, method.md 3.7; x3 for forward + backward) against ``--peak``.
 Each case runs in a fresh process so that its peak memory (``ru_maxrss`` on CPU) is its own.
 
-Usage: ``python bench/train.py [--device cpu|cuda] [--only full|tiny] [--steps N] [--warmup N] [--peak F]``.
+Usage: ``python bench/train.py [--device cpu|cuda] [--only full|tiny] [--steps N] [--warmup N]
+[--batch-full B] [--batch-tiny B] [--peak FLOPS]``.
 """
 
 from __future__ import annotations
@@ -194,19 +195,21 @@ def default_peak(device: str) -> float | None:
 def report(results: list[Result], peak: float | None) -> None:
     """Print one line per case, then the comparison with the official code's CPU figures."""
     mem = "peak alloc MB" if results and results[0].case.device == "cuda" else "peak RSS MB"
-    print(f"{'case':<30}{'batch':>6}{'steps':>6}{'img/s':>10}{'best':>9}{'s/step':>9}{mem:>15}{'fwd GFLOP/img':>15}"
-          f"{'MFU':>8}{'CPU cores':>10}")
+    print(f"{'case':<30}{'batch':>6}{'steps':>6}{'img/s':>10}{'best':>9}{'s/step':>9}{mem:>15}"
+          f"{'fwd GFLOP/img':>15}{'MFU':>8}{'CPU cores':>10}")
     for r in results:
         c = r.case
         flop = FULL_FWD_FLOPS if c.spec == "wflw_star" else r.fwd_flops_per_image
         mfu = f"{r.images_per_s * flop * TRAIN_FLOPS_FACTOR / peak:.1%}" if peak else "-"
-        print(f"{c.name:<30}{c.batch:>6}{c.steps:>6}{r.images_per_s:>10.3f}{r.best_images_per_s:>9.3f}{r.step_s:>9.3f}{r.peak_mb:>15.0f}"
-              f"{r.fwd_flops_per_image / 1e9:>15.2f}{mfu:>8}{r.cpu_share:>10.2f}")
+        print(f"{c.name:<30}{c.batch:>6}{c.steps:>6}{r.images_per_s:>10.3f}{r.best_images_per_s:>9.3f}"
+              f"{r.step_s:>9.3f}{r.peak_mb:>15.0f}{r.fwd_flops_per_image / 1e9:>15.2f}{mfu:>8}"
+              f"{r.cpu_share:>10.2f}")
     if results:
         r0 = results[0]
-        print(f"img/s from the median step, best from the fastest; device {r0.case.device}, torch {torch.__version__}, {r0.threads} threads; "
-              f"process RSS before the model: {r0.base_mb:.0f} MB; MFU uses {FULL_FWD_FLOPS / 1e9:.1f} GFLOP "
-              f"(method.md 3.7) for the full model, counted FLOPs otherwise, x{TRAIN_FLOPS_FACTOR} for training, "
+        print(f"img/s from the median step, best from the fastest; device {r0.case.device}, "
+              f"torch {torch.__version__}, {r0.threads} threads; process RSS before the model: "
+              f"{r0.base_mb:.0f} MB; MFU uses {FULL_FWD_FLOPS / 1e9:.1f} GFLOP (method.md 3.7) for the full "
+              f"model, counted FLOPs otherwise, x{TRAIN_FLOPS_FACTOR} for training, "
               f"peak {peak or 0:.3g} FLOP/s")
     by = {r.case.name: r.images_per_s for r in results}
     fp32, anom = by.get("full fp32"), by.get("full fp32 + detect_anomaly")
@@ -224,12 +227,16 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=("full", "tiny"), default=None)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 full / 10 tiny on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps (default: 3 full / 10 tiny on CPU, 20 / 50 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 1 CPU, 3 CUDA)")
     parser.add_argument("--batch-full", type=int, default=None, help="default 4 on CPU, 32 on CUDA")
     parser.add_argument("--batch-tiny", type=int, default=None, help="default 16 on CPU, 128 on CUDA")
     parser.add_argument("--peak", type=float, default=None, help="device peak FLOP/s for the MFU")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     peak = args.peak or default_peak(args.device)
     results = []
     ctx = multiprocessing.get_context("spawn")

@@ -215,12 +215,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
 def parse_job(raw: dict[str, Any], source: str = "<job>") -> JobConfig:

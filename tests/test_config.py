@@ -81,7 +81,8 @@ def test_star_specs_carry_the_paper_recipe(dataset: str) -> None:
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_rwsa_specs_carry_the_appendix_recipe(dataset: str) -> None:
-    """method.md 5.10: 200 epochs, constant lr, lam 5000, alpha = eps = 1, gamma 0.01 (COFW 0.001), 10 samples."""
+    """method.md 5.10: 200 epochs, constant lr, lam 5000, alpha = eps = 1, gamma 0.01 (COFW 0.001),
+    10 samples, raw scores (heatmap activation none)."""
     job = load_job(JOBS / f"{dataset}_rwsa.yaml")
     assert job.objective.name == "rwsa"
     assert job.optimizer.lr == pytest.approx(1e-3, rel=0, abs=1e-15)
@@ -230,7 +231,8 @@ def test_malformed_overrides_fail(override: str, needle: str) -> None:
 
 def test_override_result_is_validated() -> None:
     assert "objective.star.ww: unknown key" in _error(JOBS / "tiny.yaml", ["objective.star.ww=1"])
-    assert _error(JOBS / "tiny.yaml", ["optimizer.lr=fast"]).startswith(f"{JOBS / 'tiny.yaml'}: optimizer.lr: ")
+    tiny = JOBS / "tiny.yaml"
+    assert _error(tiny, ["optimizer.lr=fast"]).startswith(f"{tiny}: optimizer.lr: ")
 
 
 # ------------------------------------------------------------------------------------------ derived
@@ -291,7 +293,8 @@ def _flare_cmd() -> list[str]:
 
 def _run_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([*_flare_cmd(), *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*_flare_cmd(), *args], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     return proc, time.perf_counter() - t0
 
 
