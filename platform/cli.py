@@ -69,6 +69,8 @@ def data_prepare(
     on_error: Annotated[str, typer.Option("--on-error", help="fail|skip")] = "fail",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset whole")] = False,
     count: Annotated[int, typer.Option("--count", help="synthetic faces to generate")] = 600,
+    smoothing_k: Annotated[int, typer.Option("--smoothing-k", min=1, help="label-smoothing patch half-size "
+                                             "k (method.md 6; RwSA default 7)")] = 7,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="process in this process, without Ray")] = False,
     address: Annotated[str | None, typer.Option("--address", help="Ray address (default: local)")] = None,
 ) -> None:
@@ -84,7 +86,7 @@ def data_prepare(
 
         ensure_ray(address)
     manifest = prepare(fmt, root or Path("."), out, PrepareOptions(val_fraction=val_fraction, seed=seed,
-                       on_error=on_error), engine="local" if no_ray else "ray", overwrite=overwrite,
+                       on_error=on_error, smoothing_k=smoothing_k), engine="local" if no_ray else "ray", overwrite=overwrite,
                        synthetic_count=count, log=typer.echo)
     typer.echo(json.dumps(manifest["counts"], sort_keys=True))
     if manifest["skipped"]:
@@ -244,8 +246,10 @@ def demo(
 
 
 from flare.platform.cli_cluster import register as _register_cluster
+from flare.platform.cli_tune import register as _register_tune
 
 _register_cluster(app)
+_register_tune(app)
 
 
 def main() -> None:

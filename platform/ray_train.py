@@ -130,7 +130,7 @@ def check_job(job: JobConfig) -> Manifest:
     return manifest
 
 
-DATA_CPU_HEADROOM = 0.5  # CPUs Ray Data needs beside the workers to feed them
+DATA_CPU_HEADROOM = 1.0  # CPUs Ray Data needs beside the workers (its read tasks ask for a full CPU)
 
 
 def check_resources(job: JobConfig) -> None:
