@@ -19,6 +19,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect datasets.
 models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, pull, promote.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+runs_app = typer.Typer(no_args_is_help=True, help="Runs trained without Ray: log them into MLflow.")
+app.add_typer(runs_app, name="runs")
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -146,6 +148,24 @@ def train(
                            "registered_version": outcome.registered_version}, sort_keys=True))
 
 
+@runs_app.command("import")
+@one_line_errors
+def runs_import(
+    run_dir: Annotated[Path, typer.Argument(help="a `flare train --no-ray` run directory")],
+    registered_model: Annotated[str | None, typer.Option("--registered-model", help="register under this name "
+                                                         "(default: the job's mlflow.registered_model)")] = None,
+    champion: Annotated[bool, typer.Option("--champion", help="move `champion` if better on the same val split")]
+    = False,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="default: the job's, else "
+                                                     "MLFLOW_TRACKING_URI, else ./mlruns")] = None,
+) -> None:
+    """Log a single-process run (metrics per epoch, val-selected model) into MLflow and register it."""
+    from flare.platform.local_runs import import_local_run
+
+    record = import_local_run(run_dir, tracking_uri, registered_model, champion, log=typer.echo)
+    typer.echo(json.dumps(record, sort_keys=True))
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 
@@ -158,12 +178,16 @@ def eval_(
     out: Annotated[Path | None, typer.Option("--out", help="write metrics.json, nme.json, ced.png here")] = None,
     decoder: Annotated[str | None, typer.Option("--decoder", help="override: softargmax|argmax|argmax_refine")] = None,
     normaliser: Annotated[str | None, typer.Option("--normaliser", help="inter_ocular|inter_pupil")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="FR/AUC threshold (default: the "
+                                                    "layout's, 0.05 for 300W)")] = None,
+    extremes: Annotated[int, typer.Option("--extremes", min=0, help="with --out: overlay the best and worst N "
+                                          "faces by NME (extremes.png)")] = 0,
 ) -> None:
     """NME, FR and AUC overall and per subset, as JSON (and a CED plot with --out)."""
     from flare.platform.evaluate import evaluate_model
     from flare.platform.predictor import Predictor
 
-    summary = evaluate_model(Predictor.load(model), data, split, out, decoder, normaliser)
+    summary = evaluate_model(Predictor.load(model), data, split, out, decoder, normaliser, threshold, extremes)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 

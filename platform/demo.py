@@ -1,9 +1,10 @@
 """``flare demo``: the whole platform on one machine with no data, no cluster and no server.
 
 Synthetic faces (labelled synthetic everywhere) -> Parquet shards (Ray Data) -> STAR training on a
-local Ray with 2 workers -> MLflow (sqlite) run + registered model promoted to ``champion`` ->
-evaluation on the held-out synthetic test split -> predictions (overlays) on held-out images and on
-any user photos.
+local Ray with 2 workers -> MLflow (sqlite) run + registered model promoted to ``champion`` -> an ASHA
+search over STAR and RwSA knobs (``jobs/search/demo.yaml``) whose best trial is registered and takes
+``champion`` only if its val NME is lower -> evaluation of the champion on the held-out synthetic test
+split -> predictions (overlays) on held-out images and on any user photos.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import flare
 from flare.datasets.prepare import PrepareOptions, prepare
-from flare.platform.config import load_job
+from flare.platform.config import load_job, load_yaml
 from flare.platform.plots import write_png
 
 JOBS = Path(flare.__file__).resolve().parent / "jobs"
@@ -33,26 +34,33 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
     from flare.platform.ray_train import train
     from flare.platform.registry import promote
     from flare.platform.tracking import default_tracking_uri
+    from flare.platform.tune import plan_search, run_search
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
     count, epochs = (120, 2) if quick else (600, 6)
-    log(f"[1/5] synthetic faces: {count} train + {count // 5} test, prepared into shards with Ray Data")
+    log(f"[1/6] synthetic faces: {count} train + {count // 5} test, prepared into shards with Ray Data")
     ensure_ray(None)
     data = out / "data"
     prepare("synthetic", Path("."), data, PrepareOptions(val_fraction=0.1, seed=0), engine="ray", overwrite=True,
             synthetic_count=count, log=log)
-    log(f"[2/5] training STAR on local Ray, 2 workers, {epochs} epochs")
+    log(f"[2/6] training STAR on local Ray, 2 workers, {epochs} epochs")
     job = load_job(JOBS / "demo.yaml", [f"data.manifest={data / 'manifest.json'}", f"optimizer.epochs={epochs}"])
     outcome = train(job, storage=out / "runs", log=log)
     uri = default_tracking_uri()
     name = job.mlflow.registered_model
     promote(name, outcome.registered_version, "champion")
-    log(f"[3/5] registered {name} v{outcome.registered_version} and promoted it to champion")
+    log(f"[3/6] registered {name} v{outcome.registered_version} and promoted it to champion")
+    search_file = demo_search(out, quick)
+    log(f"[4/6] ASHA search over STAR and RwSA knobs ({search_file})")
+    state = plan_search(JOBS / "demo.yaml", search_file, [f"data.manifest={data / 'manifest.json'}"],
+                        name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", storage=out / "runs")
+    search = run_search(state, log=log, verbose=False)
+    max_epochs = state.spec.scheduler.max_epochs
     predictor = Predictor.load(f"models:/{name}@champion")
-    log("[4/5] evaluating the champion on the held-out synthetic test split")
+    log("[5/6] evaluating the champion on the held-out synthetic test split")
     metrics = evaluate_model(predictor, data, "test", out / "eval")
-    log("[5/5] predicting on held-out synthetic images" + (" and your photos" if images else ""))
+    log("[6/6] predicting on held-out synthetic images" + (" and your photos" if images else ""))
     heldout = out / "heldout"
     heldout.mkdir(parents=True, exist_ok=True)
     boxes = []
@@ -71,6 +79,14 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
         "run_id": outcome.run_id,
         "val_nme_per_epoch": [round(h["val_nme"], 4) for h in sorted(outcome.history, key=lambda h: h["epoch"])],
         "best": outcome.best_metrics,
+        "search": {
+            "trials": [{"trial": t.trial_id, "objective": t.values.get("objective.name"), "epochs": t.epochs,
+                        "best_val_nme": round(t.best_val_nme, 4), "stopped_early": t.stopped_early(max_epochs)}
+                       for t in search.trials],
+            "best_trial": search.best.trial_id if search.best else None,
+            "champion_decision": search.decision,
+            "plot": str(search.plot),
+        },
         "test_nme": round(metrics["nme"], 4),
         "model": f"models:/{name}@champion",
         "overlays": str(pred_dir),
@@ -80,3 +96,16 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def demo_search(out: Path, quick: bool) -> Path:
+    """``jobs/search/demo.yaml``, shrunk for ``--quick`` (4 trials, at most 2 epochs, grace 1), copied
+    into ``out`` so the search records the file it ran."""
+    import yaml
+
+    spec = load_yaml(JOBS / "search" / "demo.yaml")
+    if quick:
+        spec.update(samples=4, scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 2})
+    path = out / "search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

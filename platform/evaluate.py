@@ -45,14 +45,20 @@ def predict_split(predictor: Predictor, data: Path, split: str, batch_size: int 
 
 
 def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: Path | None = None,
-                   decoder: str | None = None, normaliser: str | None = None) -> dict[str, Any]:
-    """Metrics overall and per subset; with ``out``, also ``metrics.json``, ``nme.json`` and ``ced.png``."""
+                   decoder: str | None = None, normaliser: str | None = None, threshold: float | None = None,
+                   extremes: int = 0) -> dict[str, Any]:
+    """Metrics overall and per subset (FR/AUC at ``threshold``, default the layout's); with ``out``, also
+    ``metrics.json``, ``nme.json``, ``ced.png`` and, with ``extremes``, ``extremes.png``: the best and
+    worst ``extremes`` faces by NME with prediction (red) and ground truth (green)."""
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"--threshold must be in (0, 1] (a fraction of the normaliser), got {threshold}")
     res = predict_split(predictor, data, split, decoder=decoder)
     layout = res["layout"]
     names = sorted({s for tags in res["subsets"] for s in tags} - SUBSETS_SKIPPED)
     masks = {n: np.array([n in tags for tags in res["subsets"]]) for n in names}
     with torch.no_grad():
-        metrics = evaluate(res["pred"], res["gt"], layout, normaliser=normaliser, subsets=masks)
+        metrics = evaluate(res["pred"], res["gt"], layout, normaliser=normaliser, threshold=threshold,
+                           subsets=masks)
     per_face = metrics.pop("nme_per_face")
     summary = {"split": split, "faces": len(per_face), "decoder": decoder or predictor.decoder,
                "normaliser": normaliser or layout.default_normaliser, **_jsonable(metrics)}
@@ -63,10 +69,43 @@ def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: P
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "metrics.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
         atomic_write_bytes(out / "nme.json", json.dumps(dict(zip(res["ids"], map(float, per_face)))).encode())
-        curves = {"all": ced_curve(per_face, layout.threshold)}
-        curves.update({n: ced_curve(per_face[m], layout.threshold) for n, m in masks.items() if m.any()})
-        ced_plot(curves, layout.threshold, out / "ced.png", title=f"CED on {split} (NME {summary['nme']*100:.2f}%)")
+        t = summary["threshold"]
+        curves = {"all": ced_curve(per_face, t)}
+        curves.update({n: ced_curve(per_face[m], t) for n, m in masks.items() if m.any()})
+        ced_plot(curves, t, out / "ced.png", title=f"CED on {split} (NME {summary['nme']*100:.2f}%)")
+        if extremes > 0:
+            order = np.argsort(per_face, kind="stable")
+            picks = list(order[:extremes]) + list(order[::-1][:extremes])
+            labels = {res["ids"][i]: f"{'best' if k < extremes else 'worst'} {per_face[i]*100:.2f}%"
+                      for k, i in enumerate(picks)}
+            extremes_png(predictor, data, split, labels, out / "extremes.png", decoder)
     return summary
+
+
+def extremes_png(predictor: Predictor, data: Path, split: str, labels: dict[str, str], path: Path,
+                 decoder: str | None = None) -> Path:
+    """Overlay grid of the faces named in ``labels`` (in that order) on their input crops."""
+    from flare.models.decode import label_to_crop
+    from flare.platform.plots import overlay_grid
+    from flare.platform.train_loop import decode_heatmaps
+
+    manifest = load_manifest(data)
+    builder = BatchBuilder(manifest.layout, predictor.input_size, augment=False)
+    found: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for rows in iter_local_rows(manifest, split, 32):
+        rows = [r for r in rows if r["sample_id"] in labels]
+        if not rows:
+            continue
+        batch = builder(rows)
+        with torch.no_grad():
+            heat = predictor.model(batch["image"].to(predictor.device))[-1].fused.float().cpu()
+        u = decode_heatmaps(heat, decoder or predictor.decoder, predictor.job.objective.rwsa.epsilon).double()
+        pred = label_to_crop(u, predictor.input_size).numpy()
+        for r, img, p, g in zip(rows, batch["image"], pred, batch["landmarks_crop"].numpy()):
+            found[r["sample_id"]] = (((img.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8), p, g)
+    ids = [i for i in labels if i in found]
+    return overlay_grid([found[i][0] for i in ids], [found[i][1] for i in ids], [found[i][2] for i in ids], path,
+                        titles=[labels[i] for i in ids])
 
 
 def _jsonable(x: Any) -> Any:

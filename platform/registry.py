@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flare.platform.checkpoints import atomic_write_bytes
+from flare.platform.config import JobConfig
 
 
 def _client(tracking_uri: str | None):
@@ -117,3 +118,61 @@ def version_info(name: str, alias: str, tracking_uri: str | None = None) -> dict
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def champion_if_better(job: JobConfig, version: str, new_nme: float, tracking_uri: str) -> tuple[bool, str]:
+    """Tag ``version`` of ``job.mlflow.registered_model`` with the identity of its validation split, then
+    let :func:`decide_champion` move ``champion`` only if it is better on that same split."""
+    name = job.mlflow.registered_model
+    key = val_split_key(job.data.manifest, job.data.val_split, job.data.max_val_samples)
+    _client(tracking_uri).set_model_version_tag(name, version, "flare.val_split", key or "unknown")
+    return decide_champion(name, version, new_nme, key, tracking_uri)
+
+
+def decide_champion(name: str, version: str, new_nme: float, split_key: str | None,
+                    tracking_uri: str) -> tuple[bool, str]:
+    """Point ``champion`` at ``version`` if there is none, or if ``new_nme`` is strictly lower than the
+    champion's val NME measured on the same validation split. Returns (promoted, the printed line)."""
+    champ = version_info(name, "champion", tracking_uri)
+    head = f"{name} v{version}: val NME {new_nme:.6f}"
+    if champ is None:
+        promote(name, version, "champion", tracking_uri)
+        return True, f"{head}; no champion yet -> champion = v{version}"
+    old = champ["tags"].get("val_nme")
+    old_key = champ["tags"].get("flare.val_split") or _run_split_key(champ["run_id"], tracking_uri)
+    head += f"; champion v{champ['version']}: val NME {float(old):.6f}" if old is not None else \
+        f"; champion v{champ['version']}: val NME unknown"
+    if old is None or split_key is None or old_key != split_key:
+        return False, f"{head} on a different validation split -> not comparable, champion stays v{champ['version']}"
+    if new_nme < float(old):
+        promote(name, version, "champion", tracking_uri)
+        return True, f"{head} -> better, champion = v{version}"
+    return False, f"{head} -> not better, champion stays v{champ['version']}"
+
+
+def val_split_key(manifest_path: str, split: str, max_samples: int | None) -> str | None:
+    """Identity of a validation set: the content hashes of its shards, the split and the sample cap."""
+    import hashlib
+
+    from flare.datasets.ingest import load_manifest
+
+    try:
+        shards = load_manifest(manifest_path).data["shards"]
+    except (OSError, ValueError):
+        return None
+    shas = sorted(s.get("sha256", s["path"]) for s in shards if s.get("split") == split)
+    if not shas:
+        return None
+    return hashlib.sha256(json.dumps([shas, max_samples]).encode()).hexdigest()[:16]
+
+
+def _run_split_key(run_id: str, tracking_uri: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        p = MlflowClient(tracking_uri).get_run(run_id).data.params
+    except Exception:  # noqa: BLE001 - a deleted run: nothing to compare against
+        return None
+    cap = p.get("data.max_val_samples")
+    return val_split_key(p.get("data.manifest", ""), p.get("data.val_split", "val"),
+                         None if cap in (None, "None") else int(cap))

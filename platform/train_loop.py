@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -29,7 +30,7 @@ from flare.models.decode import argmax_decode, heatmap_px_to_label, label_to_cro
 from flare.models.hourglass import StackedHourglass, stacked_hourglass
 from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
-from flare.platform.checkpoints import load_checkpoint, save_checkpoint
+from flare.platform.checkpoints import atomic_write_bytes, load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
 
 VAL_METRIC = "val_nme"
@@ -261,6 +262,10 @@ class LocalSession:
         self.manifest: Manifest = load_manifest(job.data.manifest)
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.resume = resume
+        host = {"device": str(self.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(), "hostname": socket.gethostname(),
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+        atomic_write_bytes(self.run_dir / "host.json", (json.dumps(host, indent=1) + "\n").encode())
         self.reports: list[dict[str, Any]] = []
 
     def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:

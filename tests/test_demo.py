@@ -26,6 +26,19 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert len(overlays) == 6
     # the embedded default store: sqlite under ./mlruns, with the champion alias on the registered model
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    champion = client.get_model_version_by_alias("demo-synthetic-star", "champion")
-    assert champion.run_id == summary["run_id"]
+    # the search: 4 trials of at most 2 epochs; the champion is whichever of the trained model and the
+    # search's best trial has the lower val NME (the decision line says which)
+    trials = summary["search"]["trials"]
+    assert len(trials) == 4 and all(1 <= t["epochs"] <= 2 for t in trials)
+    assert {t["objective"] for t in trials} <= {"star", "rwsa"}
+    assert all(t["stopped_early"] == (t["epochs"] < 2) for t in trials)
+    champion = client.get_model_version_by_alias("demo-synthetic", "champion")
+    versions = client.search_model_versions("name='demo-synthetic'")
+    assert len(versions) == 2  # the trained model and the search's best trial
+    best_trial = min(t["best_val_nme"] for t in trials)
+    trained = min(summary["val_nme_per_epoch"])
+    if "-> better" in summary["search"]["champion_decision"]:
+        assert champion.run_id != summary["run_id"] and best_trial < trained + 1e-4
+    else:
+        assert champion.run_id == summary["run_id"] and best_trial >= trained - 1e-4
     assert "mlflow ui --backend-store-uri sqlite:///" in summary["mlflow_ui"] and "127.0.0.1" in summary["mlflow_ui"]

@@ -23,12 +23,12 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flare.platform.config import ConfigError, load_job
+from flare.platform.registry import decide_champion
 from flare.platform.search_space import SchedulerSpec, load_search, validate_search
 from flare.platform.tune import (
     INTERRUPT_HOOK,
     TrialSummary,
     choose_concurrency,
-    decide_champion,
     max_concurrent_trials,
     plot_trials,
     trial_table,

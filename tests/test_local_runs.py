@@ -1,0 +1,90 @@
+"""``flare runs import``: a ``flare train --no-ray`` run logged into a real sqlite MLflow afterwards
+(issue 7's GPU path), on real 300W shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flare.platform.config import load_job
+from flare.platform.local_runs import import_local_run
+from flare.platform.train_loop import train_local
+
+ROOT = Path(__file__).resolve().parents[1]
+FLARE = str(Path(sys.executable).parent / "flare")
+
+
+@pytest.fixture(scope="module")
+def local_run(small_300w: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch single-process run of the tiny spec."""
+    job = load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={small_300w / 'manifest.json'}",
+                                                 "mlflow.registered_model=tiny-local"])
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    train_local(job, run_dir, device="cpu")
+    return run_dir
+
+
+def _val_nmes(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["epoch"]: r["val_nme"] for r in rows}
+
+
+def test_import_logs_each_epoch_once_registers_and_crowns(local_run: Path, mlflow_uri: str) -> None:
+    record = import_local_run(local_run, champion=True, log=lambda s: None)
+    written = _val_nmes(local_run)
+    assert record["epochs"] == 2
+    assert record["selected_epoch"] == min(written, key=written.get)  # chosen on validation
+    client = MlflowClient(mlflow_uri)
+    history = sorted((int(m.step), m.value) for m in client.get_metric_history(record["run_id"], "val_nme"))
+    assert history == sorted(written.items())
+    champion = client.get_model_version_by_alias("tiny-local", "champion")
+    assert champion.version == record["registered_version"] == "1" and champion.run_id == record["run_id"]
+    assert float(champion.tags["val_nme"]) == pytest.approx(min(written.values()))
+    host = json.loads(Path(client.download_artifacts(record["run_id"], "host.json")).read_text())
+    assert host["device"] == "cpu" and host["threads"] >= 1
+
+    # the same directory again: refused with the existing run named, nothing duplicated
+    proc = subprocess.run([FLARE, "runs", "import", str(local_run)], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode != 0 and record["run_id"] in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    exp = client.get_experiment_by_name("tests")
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert len(client.search_model_versions("name='tiny-local'")) == 1
+
+
+def test_bad_metrics_line_is_one_line_error_naming_file_and_line(tmp_path: Path, mlflow_uri: str) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "val_nme": 0.2}\n{"epoch": 1, "val_nme": \n')
+    proc = subprocess.run([FLARE, "runs", "import", str(run)], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "metrics.jsonl:2" in proc.stderr
+    assert not (tmp_path / "mlruns" / "artifacts").exists()
+
+
+def test_failed_import_leaves_no_run_and_can_be_retried(local_run: Path, tmp_path: Path, mlflow_uri: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(local_run, run)
+    manifest = {}
+    for job_file in run.glob("checkpoints/*/job.json"):  # point the run at shards that are gone
+        meta = json.loads(job_file.read_text())
+        manifest = meta["job"]["data"]["manifest"]
+        meta["job"]["data"]["manifest"] = str(tmp_path / "gone" / "manifest.json")
+        job_file.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="gone"):
+        import_local_run(run, log=lambda s: None)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("tests")
+    assert client.search_runs([exp.experiment_id]) == []  # the half-made run was removed
+    (tmp_path / "gone").symlink_to(Path(manifest).parent)
+    record = import_local_run(run, log=lambda s: None)
+    assert record["registered_version"] == "1"
+    assert len(client.search_runs([exp.experiment_id])) == 1
