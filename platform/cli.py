@@ -166,6 +166,38 @@ def runs_import(
     typer.echo(json.dumps(record, sort_keys=True))
 
 
+@runs_app.command("compare")
+@one_line_errors
+def runs_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="MLflow run ids")],
+    out: Annotated[Path, typer.Option("--out", help="writes val_nme.png, ced.png (with --eval), compare.json")],
+    evals: Annotated[list[str] | None, typer.Option("--eval", help="LABEL=DIR of a `flare eval --out` (repeatable)")]
+    = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="run name whose final val NME sets the "
+                                                  "convergence target")] = None,
+    margin: Annotated[float, typer.Option("--margin", help="convergence margin in NME (0.0005 = 0.05%)")] = 0.0005,
+    threshold: Annotated[float, typer.Option("--threshold", help="CED threshold")] = 0.05,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
+) -> None:
+    """Validation NME against epoch for several runs, their CED, and epochs-to-target convergence."""
+    from flare.platform.checkpoints import atomic_write_bytes
+    from flare.platform.compare import ced_compare, convergence, val_histories, val_plot
+
+    pairs = [e.split("=", 1) for e in evals or []]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError("--eval takes LABEL=DIR")
+    histories = val_histories(run_ids, tracking_uri)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"val_nme": {k: [[e, v] for e, v in h] for k, h in histories.items()},
+                     "plot": str(val_plot(histories, out / "val_nme.png"))}
+    if reference:
+        summary["convergence"] = convergence(histories, reference, margin)
+    if pairs:
+        summary["ced"] = str(ced_compare({k: Path(v) for k, v in pairs}, threshold, out / "ced.png"))
+    atomic_write_bytes(out / "compare.json", (json.dumps(summary, indent=1) + "\n").encode())
+    typer.echo(json.dumps({k: summary[k] for k in summary if k != "val_nme"}, sort_keys=True))
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 

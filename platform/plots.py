@@ -10,7 +10,7 @@ import numpy as np
 from flare.platform.checkpoints import atomic_write_bytes
 
 
-def _save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import io
 
     import matplotlib.pyplot as plt
@@ -39,7 +39,7 @@ def ced_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float,
     ax.set_title(title or f"CED up to {threshold:g}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_landmarks(image: np.ndarray, points: np.ndarray, color: tuple[int, int, int], radius: int = 2) -> np.ndarray:
