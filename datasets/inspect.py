@@ -28,7 +28,7 @@ def render_sample(row: dict, layout: Any) -> np.ndarray:
     img = img.astype(np.uint8)
     k = TILE / size
     for x, y in arr["landmarks"]:
-        cv2.circle(img, (int(round((x + 0.5) * k - 0.5)), int(round((y + 0.5) * k - 0.5))), 2, (0, 255, 0), -1,
+        cv2.circle(img, (round((x + 0.5) * k - 0.5), round((y + 0.5) * k - 0.5)), 2, (0, 255, 0), -1,
                    cv2.LINE_AA)
     label = f"{row['split']} {row['dataset']}"
     cv2.putText(img, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)

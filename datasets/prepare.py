@@ -59,7 +59,7 @@ def assign_validation(records: Sequence[FaceRecord], fraction: float, seed: int)
     groups = sorted({r.group for r in records if r.split == "train"})
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
-    n_val = int(round(fraction * len(groups)))
+    n_val = round(fraction * len(groups))
     if fraction > 0 and len(groups) > 1:
         n_val = min(max(n_val, 1), len(groups) - 1)
     val_groups = {groups[i] for i in order[:n_val]}

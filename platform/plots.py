@@ -45,10 +45,10 @@ def ced_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float,
 def draw_landmarks(image: np.ndarray, points: np.ndarray, color: tuple[int, int, int], radius: int = 2) -> np.ndarray:
     """Draw (N, 2) pixel-centre points onto a copy of a BGR image."""
     out = image.copy()
-    r = max(1, int(round(radius * max(image.shape[:2]) / 256)))
+    r = max(1, round(radius * max(image.shape[:2]) / 256))
     for x, y in np.asarray(points):
         if np.isfinite(x) and np.isfinite(y):
-            cv2.circle(out, (int(round(x)), int(round(y))), r, color, -1, cv2.LINE_AA)
+            cv2.circle(out, (round(x), round(y)), r, color, -1, cv2.LINE_AA)
     return out
 
 
@@ -101,8 +101,8 @@ def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[n
             lam, vec = np.linalg.eigh(c)
             lam = np.clip(lam, 0, None)
             angle = float(np.degrees(np.arctan2(vec[1, 1], vec[0, 1])))
-            axes = (max(1, int(round(scale * np.sqrt(lam[1]) * k))), max(1, int(round(scale * np.sqrt(lam[0]) * k))))
-            center = (int(round((m[0] + 0.5) * k - 0.5)), int(round((m[1] + 0.5) * k - 0.5)))
+            axes = (max(1, round(scale * np.sqrt(lam[1]) * k)), max(1, round(scale * np.sqrt(lam[0]) * k)))
+            center = (round((m[0] + 0.5) * k - 0.5), round((m[1] + 0.5) * k - 0.5))
             cv2.ellipse(t, center, axes, angle, 0, 360, (0, 200, 255), 1, cv2.LINE_AA)
         tiles.append(t)
     return write_png(path, tile_grid(tiles, tile))

@@ -86,11 +86,11 @@ def model_card(uri: str, predictor: Any) -> str:
     return "\n".join([
         f"# {uri}", "",
         f"- layout: {predictor.layout.name} ({predictor.layout.num_points} points)",
-        f"- model: stacked hourglass, {job.model.stacks} stacks x {job.model.channels} ch, "
-        f"{job.data.input_size} px input, AAM {'on' if job.model.aam else 'off'}, {n_params:,} parameters",
+        (f"- model: stacked hourglass, {job.model.stacks} stacks x {job.model.channels} ch, "
+         f"{job.data.input_size} px input, AAM {'on' if job.model.aam else 'off'}, {n_params:,} parameters"),
         f"- objective: {job.objective.name}",
-        f"- selected on validation: epoch {info.get('epoch')}, val NME {info.get('val_nme')}, "
-        f"{info.get('weights')} weights, decoder {predictor.decoder}",
+        (f"- selected on validation: epoch {info.get('epoch')}, val NME {info.get('val_nme')}, "
+         f"{info.get('weights')} weights, decoder {predictor.decoder}"),
         f"- training data: {job.data.manifest}",
         "", "```python", "import flare, cv2",
         f"p = flare.Predictor.load('{uri}')",

@@ -145,8 +145,8 @@ def validate(model: nn.Module, session: Session, job: JobConfig, layout: Layout,
         batch = {k: v.to(session.device) for k, v in builder(rows).items()}
         batch["to_original"] = batch["to_original"].cpu()
         gts.append(batch["landmarks_original"].cpu().double().numpy())
-        for d in preds:
-            preds[d].append(predict_original(model, batch, d, job.data.input_size, job.objective.rwsa.epsilon))
+        for d, out in preds.items():
+            out.append(predict_original(model, batch, d, job.data.input_size, job.objective.rwsa.epsilon))
     model.train()
     gt = np.concatenate(gts)
     out: dict[str, float] = {}

@@ -58,7 +58,7 @@ def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, s
     # pull, then predict through the CLI: same landmarks as the run's own best checkpoint
     pulled = tmp_path / "pulled"
     env = {"MLFLOW_TRACKING_URI": mlflow_uri, "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([FLARE, "models", "pull", "tiny-300w/1", "--out", str(pulled)], capture_output=True,
+    r = subprocess.run([FLARE, "models", "pull", "tiny-300w/1", "--out", str(pulled)], check=False, capture_output=True,
                        text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (pulled / "MODEL_CARD.md").read_text().startswith("# models:/tiny-300w/1")
@@ -70,7 +70,7 @@ def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, s
         x1, y1 = pts.max(0)
         box = f"{x0},{y0},{x1 - x0},{y1 - y0}"
         r = subprocess.run([FLARE, "predict", str(img), "--model", str(pulled), "--out", str(tmp_path / "pred"),
-                            "--box", box], capture_output=True, text=True, env=env, cwd=tmp_path)
+                            "--box", box], check=False, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         got = np.array(json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())["faces"][0])
         want = direct.predict(cv2.imread(str(img)), boxes=np.array([[x0, y0, x1 - x0, y1 - y0]]))[0]
@@ -108,7 +108,7 @@ def test_resume_interrupted_run(ray_cluster, small_300w: Path, mlflow_uri: str, 
 def test_bad_specs_fail_before_workers(small_300w: Path, tmp_path: Path, override: str, needle: str) -> None:
     r = subprocess.run([FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--set",
                         f"data.manifest={small_300w / 'manifest.json'}", "--set", override],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                       check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
