@@ -44,7 +44,7 @@ def test_import_logs_each_epoch_once_registers_and_crowns(local_run: Path, mlflo
     history = sorted((int(m.step), m.value) for m in client.get_metric_history(record["run_id"], "val_nme"))
     assert history == sorted(written.items())
     champion = client.get_model_version_by_alias("tiny-local", "champion")
-    assert champion.version == record["registered_version"] == "1" and champion.run_id == record["run_id"]
+    assert str(champion.version) == record["registered_version"] == "1" and champion.run_id == record["run_id"]
     assert float(champion.tags["val_nme"]) == pytest.approx(min(written.values()))
     host = json.loads(Path(client.download_artifacts(record["run_id"], "host.json")).read_text())
     assert host["device"] == "cpu" and host["threads"] >= 1
