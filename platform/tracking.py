@@ -89,6 +89,12 @@ class HeatmapExport(nn.Module):
         return self.model(x)[-1].fused
 
 
+def serving_requirements() -> list[str]:
+    """What the logged pt2 graph needs to run, pinned to this environment. Given explicitly, MLflow
+    skips inferring requirements by re-importing the model in a subprocess (about 10 s per model)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+
+
 def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tensor], job: dict[str, Any],
                     info: dict[str, Any], registered_model: str | None, input_size: int) -> str | None:
     """Log the model into ``run_id`` with MLflow's pytorch flavour (a pt2 graph of the last-stack
@@ -106,6 +112,7 @@ def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tens
             model_info = mlflow.pytorch.log_model(
                 HeatmapExport(model.eval().cpu()), name=EXPORT_ARTIFACT, input_example=example,
                 extra_files=[str(state), str(meta)], registered_model_name=registered_model,
+                pip_requirements=serving_requirements(),
             )
     version = model_info.registered_model_version
     if version is None:
