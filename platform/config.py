@@ -6,6 +6,7 @@ an error that names the key. ``--set a.b=value`` overrides any field (the value 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,13 +194,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
-        key, value = item.split("=", 1)
+def set_paths(raw: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of the nested job dict with ``a.b.c`` paths set to the given values."""
+    out = copy.deepcopy(raw)
+    for key, value in values.items():
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"{source}: bad key {key!r}")
@@ -207,9 +205,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"{source}: {key}: {p} is not a section")
+                raise ConfigError(f"{source}: {key}: {p} is not a section of the job spec")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) in order, returning a new dict."""
+    out = copy.deepcopy(raw) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        out = set_paths(out, {key: yaml.safe_load(value)}, source)
     return out
 
 

@@ -11,7 +11,6 @@ prepared for it.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flare.platform.config import ConfigError, JobConfig, load_yaml, parse_job
+from flare.platform.config import ConfigError, JobConfig, load_yaml, parse_job, set_paths
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 Value = bool | int | float | str | None
@@ -157,23 +156,6 @@ class SearchSpec(_Strict):
 def plain(value: Any) -> Any:
     """A sampled value as a plain Python scalar (Tune samples numpy scalars)."""
     return value.item() if hasattr(value, "item") and callable(value.item) else value
-
-
-def set_paths(raw: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A copy of the nested job dict with ``a.b.c`` paths set to typed values (like ``--set``)."""
-    out = copy.deepcopy(raw)
-    for key, value in values.items():
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(f"{source}: bad parameter path {key!r}")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{source}: {key}: {p} is not a section of the job spec")
-            node = nxt
-        node[parts[-1]] = copy.deepcopy(value)
-    return out
 
 
 def load_search(path: Path) -> SearchSpec:
