@@ -80,7 +80,7 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
         "val_nme_per_epoch": [round(h["val_nme"], 4) for h in sorted(outcome.history, key=lambda h: h["epoch"])],
         "best": outcome.best_metrics,
         "search": {
-            "trials": [{"trial": t.trial_id, "objective": t.values.get("objective.name"), "epochs": t.epochs,
+            "trials": [{"trial": t.trial_id, "objective": t.values.get("objective"), "epochs": t.epochs,
                         "best_val_nme": round(t.best_val_nme, 4), "stopped_early": t.stopped_early(max_epochs)}
                        for t in search.trials],
             "best_trial": search.best.trial_id if search.best else None,
