@@ -298,7 +298,12 @@ class LocalSession:
 
 
 def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False) -> LocalSession:
-    """Run :func:`train_worker` in this process (``flare train --no-ray``)."""
+    """Run :func:`train_worker` in this process (``flare train --no-ray``). A ``run_dir`` that already holds
+    epochs is continued only with ``resume``; otherwise it is refused, so a re-run never mixes two runs."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not resume and metrics.exists() and metrics.stat().st_size > 0:
+        raise FileExistsError(f"{run_dir}: already holds a run ({metrics.name}); pass --resume last to continue "
+                              "it or choose another --run-dir")
     session = LocalSession(job, run_dir, device, resume)
     train_worker(job.model_dump(mode="json"), session)
     return session

@@ -88,3 +88,14 @@ def test_failed_import_leaves_no_run_and_can_be_retried(local_run: Path, tmp_pat
     record = import_local_run(run, log=lambda s: None)
     assert record["registered_version"] == "1"
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_rerun_into_a_finished_run_dir_is_refused_without_resume(local_run: Path, small_300w: Path) -> None:
+    before = (local_run / "metrics.jsonl").read_bytes()
+    proc = subprocess.run([FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--no-ray", "--run-dir", str(local_run),
+                           "--set", f"data.manifest={small_300w / 'manifest.json'}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(local_run) in lines[0] and "--resume" in lines[0]
+    assert (local_run / "metrics.jsonl").read_bytes() == before
