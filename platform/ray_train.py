@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,18 @@ class RaySession:
 
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
 
-    def restore_dir(self) -> Path | None:
+    @contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        """Ray's checkpoint after a restart (a local path as is, a remote one through a temp copy that
+        Ray removes), else the ``--resume`` checkpoint."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            return Path(ckpt.to_directory())
-        return Path(self.resume_from) if self.resume_from else None
+        if ckpt is None:
+            yield Path(self.resume_from) if self.resume_from else None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -192,9 +198,9 @@ def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, t
     )
 
 
-def local_best_checkpoint(result: Any) -> Path:
-    """Copy the val-selected checkpoint of a Ray Train result into a local temp directory."""
-    with best_checkpoint(result).as_directory() as d:
+def local_copy(checkpoint: Any) -> Path:
+    """Copy a Ray Train checkpoint into a new local temp directory (the caller removes it)."""
+    with checkpoint.as_directory() as d:
         local = Path(tempfile.mkdtemp(prefix="flare-best-"))
         shutil.copytree(d, local, dirs_exist_ok=True)
     return local
@@ -226,7 +232,13 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
     result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env).fit()
     if result.error is not None:
         raise result.error
-    outcome = finish_run(job, local_best_checkpoint(result), run_id, tracking_uri, log)
+    best = best_checkpoint(result)
+    local = local_copy(best)
+    try:
+        outcome = finish_run(job, local, run_id, tracking_uri, log)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    outcome.best_checkpoint = Path(best.path)  # in Ray storage (this machine's for the default ./runs)
     outcome.storage, outcome.history = storage / name, list(result.return_value or [])
     return outcome
 

@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +47,7 @@ class Session(Protocol):
     def train_rows(self, epoch: int, batch_size: int) -> Iterable[list[dict]]: ...
     def val_rows(self, batch_size: int) -> Iterable[list[dict]]: ...
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
-    def restore_dir(self) -> Path | None: ...
+    def restored(self) -> AbstractContextManager[Path | None]: ...
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
 
 
@@ -185,9 +186,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                            weight_decay=job.optimizer.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
     start_epoch, best = 0, math.inf
-    restore = session.restore_dir()
-    if restore is not None:
-        state, _ = load_checkpoint(restore, map_location=device)
+    with session.restored() as restore:
+        state = load_checkpoint(restore, map_location=device)[0] if restore is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -278,11 +279,11 @@ class LocalSession:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    def restore_dir(self) -> Path | None:
-        if not self.resume:
-            return None
-        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*"))
-        return ckpts[-1] if ckpts else None
+    @contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        """With ``resume``: the run dir's latest ``epoch_*`` checkpoint."""
+        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*")) if self.resume else []
+        yield ckpts[-1] if ckpts else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)

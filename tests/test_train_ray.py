@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -30,16 +31,23 @@ def metric_steps(uri: str, run_id: str, key: str = "val_nme") -> list[int]:
     return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def _temp_checkpoints() -> set[str]:
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for pat in ("flare-best-*", "flare-ckpt-*", "checkpoint_tmp_*") for p in tmp.glob(pat)}
+
+
 def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, small_300w: Path, mlflow_uri: str,
                                                                   tmp_path: Path, test_data: Path) -> None:
     """2 workers, 2 epochs; one worker raises once at epoch 1 (test-only fault hook), Ray restarts it
     from the epoch-0 checkpoint; then the registered model is pulled and used for prediction."""
     marker = tmp_path / "fault-marker"
     job = tiny_job(small_300w, mlflow_uri)
+    temp_before = _temp_checkpoints()
     out = train(job, storage=tmp_path / "runs", log=lambda s: None,
                 worker_env={"FLARE_TEST_FAULT_EPOCH": "1", "FLARE_TEST_FAULT_MARKER": str(marker)})
     assert marker.read_text().endswith("failed at epoch 1\n")  # the fault really happened
     assert [h["epoch"] for h in out.history] == [1]  # the restarted execution did not redo epoch 0
+    assert _temp_checkpoints() == temp_before  # neither the restore nor the model logging left a temp copy
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("tests")
     assert len(client.search_runs([exp.experiment_id])) == 1  # one MLflow run despite the restart
