@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -26,5 +27,5 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = sys.stderr.isatty()  # bars for a terminal; none in log files and job logs
     ctx.print_on_execution_start = False

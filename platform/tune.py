@@ -266,6 +266,9 @@ class FlareTrial(tune.Trainable):
             self.board = ray.get_actor(board_name(self.state.name))
         except ValueError:  # no driver board (not started by run_search): nothing to watch
             self.board = None
+        # this trial actor's own context, captured by its datasets: several trials' Ray Data bars
+        # interleaved are noise next to the driver's trial lines
+        ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = make_trainer(self.job, manifest, self.trial_id, self.state.path / "train", self.state.tracking_uri,
                                self.run_id, callbacks=[_Relay(self.queue), _Announce(self.queue)])
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
