@@ -151,6 +151,40 @@ def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
     assert r.returncode == 0 and f"model logged to run {run.info.run_id}, registered tiny-300w v1" in r.stdout
 
 
+def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> None:
+    """Issue 5 on a cluster: `flare submit tune` runs the ASHA search as a job on the head (the driver
+    attaches to that cluster through RAY_ADDRESS); its parent/child runs and the champion land in the
+    MLflow of the submitting shell."""
+    env, url = cluster["env"], cluster["url"]
+    r = flare(["data", "prepare", "--format", "synthetic", "--count", "40", "--out", str(tmp_path / "data"),
+               "--no-ray"], env)
+    assert r.returncode == 0, r.stderr
+    search = tmp_path / "search.yaml"
+    search.write_text("samples: 2\nseed: 0\nscheduler: {grace_period: 1, reduction_factor: 2, max_epochs: 1}\n"
+                      "params:\n  optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    r = flare(["submit", "tune", "jobs/tiny.yaml", "--search", str(search), "--name", "cluster-search",
+               "--set", f"data.manifest={tmp_path / 'data' / 'manifest.json'}",
+               "--address", url, "--wait"], {**env, "MLFLOW_TRACKING_URI": uri}, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    job_id = r.stdout.split("submitted ", 1)[1].split()[0]
+    assert f"job {job_id} SUCCEEDED" in r.stdout and "search cluster-search: 2 sample(s)" in r.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    (version,) = client.search_model_versions("name = 'tiny-300w'")
+    best = min(children, key=lambda c: c.data.metrics["val_nme"])
+    assert version.run_id == best.info.run_id
+    assert str(client.get_model_version_by_alias("tiny-300w", "champion").version) == str(version.version)
+
+
 def test_failed_and_stopped_jobs_exit_1(cluster, tmp_path: Path) -> None:
     env, url = cluster["env"], cluster["url"]
     r = flare(["submit", "train", "jobs/no-such-spec.yaml", "--address", url, "--wait"], env)
