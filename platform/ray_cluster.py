@@ -23,9 +23,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": "flare.platform.ray_cluster.quiet_worker_logs"},
+                 **kwargs)
     else:
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()  # bars for a terminal; none in log files and job logs
     ctx.print_on_execution_start = False
+
+
+def quiet_worker_logs() -> None:
+    """Worker setup hook of the embedded Ray. It runs without a dashboard, hence without the State API,
+    and Ray Train's placement-group cleaner would warn every few seconds that it cannot query the
+    controller (flare's runs remove their placement groups themselves: ``tune.FlareTrial.cleanup``)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
