@@ -120,7 +120,8 @@ def train(
     job_file: Annotated[Path, typer.Argument(help="job spec YAML (jobs/*.yaml)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a.b=value (repeatable)")] = None,
     address: Annotated[str | None, typer.Option("--address", help="auto | ray://HOST:10001")] = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="MLflow run id to continue; with --no-ray: `last` (the run dir's last checkpoint)")] = None,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", help="MLflow run id to continue; with --no-ray: `last` (the run dir's last checkpoint)")] = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="single process without Ray or MLflow")] = False,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="--no-ray output directory")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
@@ -134,6 +135,8 @@ def train(
         from flare.platform.ray_train import check_job
         from flare.platform.train_loop import train_local
 
+        if resume not in (None, "last"):
+            raise ValueError(f"--resume {resume}: with --no-ray, use --resume last (the run dir's last checkpoint)")
         check_job(job)
         out = run_dir or Path("runs") / f"{job.name}-local"
         session = train_local(job, out, device=device, resume=resume is not None)

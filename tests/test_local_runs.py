@@ -99,3 +99,11 @@ def test_rerun_into_a_finished_run_dir_is_refused_without_resume(local_run: Path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(local_run) in lines[0] and "--resume" in lines[0]
     assert (local_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_no_ray_resume_takes_only_last(local_run: Path, small_300w: Path) -> None:
+    proc = subprocess.run([FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--no-ray", "--run-dir", str(local_run),
+                           "--resume", "0123abcd", "--set", f"data.manifest={small_300w / 'manifest.json'}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --resume 0123abcd: with --no-ray, use --resume last (the run dir's last checkpoint)")
