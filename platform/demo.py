@@ -17,6 +17,7 @@ from typing import Any
 
 import flare
 from flare.datasets.prepare import PrepareOptions, prepare
+from flare.platform.checkpoints import atomic_write_bytes
 from flare.platform.config import load_job, load_yaml
 from flare.platform.plots import write_png
 
@@ -32,7 +33,7 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
     from flare.platform.predictor import Predictor
     from flare.platform.ray_cluster import ensure_ray
     from flare.platform.ray_train import train
-    from flare.platform.registry import promote
+    from flare.platform.registry import champion_if_better
     from flare.platform.tracking import default_tracking_uri
     from flare.platform.tune import plan_search, run_search
 
@@ -49,8 +50,10 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
     outcome = train(job, storage=out / "runs", log=log)
     uri = default_tracking_uri()
     name = job.mlflow.registered_model
-    promote(name, outcome.registered_version, "champion")
-    log(f"[3/6] registered {name} v{outcome.registered_version} and promoted it to champion")
+    # champion only if better: a re-run in the same ./mlruns never demotes an earlier, better demo model
+    _, trained_decision = champion_if_better(job, outcome.registered_version, float(outcome.best_metrics["val_nme"]),
+                                             uri)
+    log(f"[3/6] {trained_decision}")
     search_file = demo_search(out, quick)
     log(f"[4/6] ASHA search over STAR and RwSA knobs ({search_file})")
     state = plan_search(JOBS / "demo.yaml", search_file, [f"data.manifest={data / 'manifest.json'}"],
@@ -79,6 +82,7 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
         "run_id": outcome.run_id,
         "val_nme_per_epoch": [round(h["val_nme"], 4) for h in sorted(outcome.history, key=lambda h: h["epoch"])],
         "best": outcome.best_metrics,
+        "champion_decision": trained_decision,
         "search": {
             "trials": [{"trial": t.trial_id, "objective": t.values.get("objective"), "epochs": t.epochs,
                         "best_val_nme": round(t.best_val_nme, 4), "stopped_early": t.stopped_early(max_epochs)}
@@ -94,7 +98,7 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -107,5 +111,5 @@ def demo_search(out: Path, quick: bool) -> Path:
     if quick:
         spec.update(samples=4, scheduler={"grace_period": 1, "reduction_factor": 2, "max_epochs": 2})
     path = out / "search.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    atomic_write_bytes(path, yaml.safe_dump(spec, sort_keys=False).encode())
     return path

@@ -58,7 +58,6 @@ def import_local_run(run_dir: Path, tracking_uri: str | None = None, registered_
     """Log ``run_dir`` as one MLflow run (metrics per epoch, val-selected model, registration) and,
     with ``champion``, move the alias only if the model beats the current champion on the same val
     split (:func:`flare.platform.registry.champion_if_better`). Returns what was recorded."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from flare.platform import tracking
@@ -98,7 +97,6 @@ def import_local_run(run_dir: Path, tracking_uri: str | None = None, registered_
     except BaseException:
         client.delete_run(run_id)  # nothing half-imported: a re-run starts clean
         raise
-    mlflow.set_tracking_uri(uri)
     record: dict[str, Any] = {"run_id": run_id, "epochs": len(metrics), "selected_epoch": int(best["epoch"]),
                               "val_nme": float(best[VAL_METRIC]), "registered_model": job.mlflow.registered_model,
                               "registered_version": outcome.registered_version}

@@ -35,6 +35,7 @@ def test_demo_quick(tmp_path: Path) -> None:
     champion = client.get_model_version_by_alias("demo-synthetic", "champion")
     versions = client.search_model_versions("name='demo-synthetic'")
     assert len(versions) == 2  # the trained model and the search's best trial
+    assert summary["champion_decision"].endswith("no champion yet -> champion = v1")  # a fresh store
     best_trial = min(t["best_val_nme"] for t in trials)
     trained = min(summary["val_nme_per_epoch"])
     if "-> better" in summary["search"]["champion_decision"]:
