@@ -50,6 +50,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback  # internal; Ray is pinned
 from ray.util.queue import Empty, Queue
 
+from flare.platform.checkpoints import atomic_write_bytes
 from flare.platform.config import ConfigError, JobConfig, load_job, parse_job
 from flare.platform.registry import champion_if_better
 from flare.platform.search_space import SearchSpec, load_search, plain, set_paths, validate_search
@@ -99,7 +100,7 @@ class SearchState:
 
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / STATE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(self.path / STATE_FILE, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
     def load(cls, storage: Path, name: str) -> SearchState:
@@ -607,8 +608,9 @@ def finish_search(state: SearchState, trials: list[TrialSummary], client: Any, l
             client.set_tag(t.run_id, "flare.tune.stop_rung", str(t.epochs) if stopped else "none")
     table = trial_table(trials, max_epochs)
     log(table)
-    (state.path / "trials.txt").write_text(table + "\n")
-    (state.path / "trials.json").write_text(json.dumps([asdict(t) for t in trials], indent=2, default=str) + "\n")
+    atomic_write_bytes(state.path / "trials.txt", (table + "\n").encode())
+    atomic_write_bytes(state.path / "trials.json",
+                       (json.dumps([asdict(t) for t in trials], indent=2, default=str) + "\n").encode())
     plot = plot_trials(trials, rungs, max_epochs, state.path / "val_nme.png", state.name)
     for f in ("trials.txt", "trials.json", "val_nme.png"):
         client.log_artifact(state.parent_run_id, str(state.path / f))
