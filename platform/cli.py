@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 import flare
+from flare.platform import cli_cluster, cli_tune
+from flare.platform.cli_errors import one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and tune facial-landmark detectors.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect datasets.")
@@ -21,34 +21,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(no_args_is_help=True, help="Runs trained without Ray: log them into MLflow.")
 app.add_typer(runs_app, name="runs")
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from flare.datasets.ingest import ManifestError
-    from flare.datasets.prepare import PrepareError
-    from flare.datasets.records import DataError
-    from flare.platform.config import ConfigError
-
-    return (ConfigError, DataError, ManifestError, PrepareError, FileExistsError, FileNotFoundError, KeyError,
-            ValueError)
-
-
-def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected errors into ``error: <one line>`` and exit code 2 (no traceback)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except _expected_errors() as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.command()
@@ -84,7 +56,7 @@ def data_prepare(
     if on_error not in ("fail", "skip"):
         raise ValueError(f"--on-error must be fail or skip, got {on_error!r}")
     if not no_ray:
-        from flare.platform.ray_cluster import ensure_ray
+        from flare.platform.ray_connect import ensure_ray
 
         ensure_ray(address)
     manifest = prepare(fmt, root or Path("."), out, PrepareOptions(val_fraction=val_fraction, seed=seed,
@@ -183,7 +155,7 @@ def runs_compare(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
 ) -> None:
     """Validation NME against epoch for several runs, their CED, and epochs-to-target convergence."""
-    from flare.platform.checkpoints import atomic_write_bytes
+    from flare.files import atomic_write_bytes
     from flare.platform.compare import ced_compare, convergence, val_histories, val_plot
 
     pairs = [e.split("=", 1) for e in evals or []]
@@ -304,11 +276,10 @@ def demo(
     typer.echo(json.dumps(summary, indent=2))
 
 
-from flare.platform.cli_cluster import register as _register_cluster
-from flare.platform.cli_tune import register as _register_tune
-
-_register_cluster(app)
-_register_tune(app)
+app.add_typer(cli_cluster.cluster_app, name="cluster")
+app.add_typer(cli_cluster.jobs_app, name="jobs")
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(cli_cluster.submit)
+app.command()(cli_tune.tune)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import flare
 from flare.datasets.prepare import PrepareOptions, prepare
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.files import atomic_write_bytes
 from flare.platform.config import load_job, load_yaml
 from flare.platform.plots import write_png
 
@@ -31,7 +31,7 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
     from flare.platform.evaluate import evaluate_model
     from flare.platform.predict_files import predict_files
     from flare.platform.predictor import Predictor
-    from flare.platform.ray_cluster import ensure_ray
+    from flare.platform.ray_connect import ensure_ray
     from flare.platform.ray_train import train
     from flare.platform.registry import champion_if_better
     from flare.platform.tracking import default_tracking_uri

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
+from flare.files import atomic_write_bytes
 from flare.models.metrics import ced_curve, evaluate
-from flare.platform.checkpoints import atomic_write_bytes
 from flare.platform.predictor import Predictor
 from flare.platform.train_loop import predict_original
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.files import atomic_write_bytes
 
 
 def save_figure(fig, path: Path) -> Path:

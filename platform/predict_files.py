@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.files import atomic_write_bytes
 from flare.platform.plots import PRED_COLOR, draw_landmarks, write_png
 from flare.platform.predictor import Predictor
 

@@ -213,7 +213,7 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
     import mlflow
 
     from flare.platform import tracking
-    from flare.platform.ray_cluster import ensure_ray
+    from flare.platform.ray_connect import ensure_ray
 
     manifest = check_job(job)
     tracking_uri = job.mlflow.tracking_uri or tracking.default_tracking_uri()

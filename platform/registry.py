@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.files import atomic_write_bytes
 from flare.platform.config import JobConfig
 
 

@@ -25,13 +25,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flare.datasets.ingest import BatchBuilder, Manifest, iter_local_rows, load_manifest
+from flare.files import atomic_write_bytes
 from flare.losses.objectives import build_objective
 from flare.losses.smoothing import sample_smoothing
 from flare.models.decode import argmax_decode, heatmap_px_to_label, label_to_crop, soft_argmax
 from flare.models.hourglass import StackedHourglass, stacked_hourglass
 from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
-from flare.platform.checkpoints import atomic_write_bytes, load_checkpoint, save_checkpoint
+from flare.platform.checkpoints import load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
 
 VAL_METRIC = "val_nme"

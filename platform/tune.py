@@ -50,7 +50,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback  # internal; Ray is pinned
 from ray.util.queue import Empty, Queue
 
-from flare.platform.checkpoints import atomic_write_bytes
+from flare.files import atomic_write_bytes
 from flare.platform.config import ConfigError, JobConfig, load_job, parse_job
 from flare.platform.registry import champion_if_better
 from flare.platform.search_space import SearchSpec, load_search, plain, set_paths, validate_search
@@ -532,7 +532,7 @@ def run_search(state: SearchState | None = None, *, resume: str | None = None, s
     from mlflow.tracking import MlflowClient
 
     from flare.platform import tracking
-    from flare.platform.ray_cluster import ensure_ray
+    from flare.platform.ray_connect import ensure_ray
 
     if resume:
         state = SearchState.load(storage or Path.cwd() / "runs", resume)

@@ -25,7 +25,7 @@ def ray_cluster():
     """A real local Ray (2 CPUs, dashboard off), shut down at the end of the session."""
     import ray
 
-    from flare.platform.ray_cluster import ensure_ray
+    from flare.platform.ray_connect import ensure_ray
 
     ensure_ray(None, num_cpus=2)
     yield ray

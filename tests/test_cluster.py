@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flare.platform.jobs import ClusterError, entrypoint, find_token, stage_package
+from flare.platform.ray_jobs import ClusterError, entrypoint, find_token, stage_package
 
 FLARE = [str(Path(sys.executable).parent / "flare")]
 ROOT = Path(__file__).resolve().parents[1]

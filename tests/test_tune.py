@@ -40,8 +40,8 @@ GUARD_S = 480  # wall-clock limit of one search run: a deadlock fails the test i
 
 
 def cli(*args: str):
-    """The ``tune`` command as registered on a Typer app (the same ``register`` the main CLI calls)."""
-    from flare.platform.cli_tune import register
+    """The ``tune`` command on a Typer app, added as the main CLI adds it."""
+    from flare.platform.cli_tune import tune
 
     app = typer.Typer()
 
@@ -49,7 +49,7 @@ def cli(*args: str):
     def _root() -> None:
         """test app"""
 
-    register(app)
+    app.command()(tune)
     return CliRunner().invoke(app, ["tune", *args])
 
 

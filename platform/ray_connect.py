@@ -24,7 +24,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"worker_process_setup_hook": "flare.platform.ray_cluster.quiet_worker_logs"},
+                 runtime_env={"worker_process_setup_hook": "flare.platform.ray_connect.quiet_worker_logs"},
                  **kwargs)
     else:
         ray.init(address=address, **kwargs)

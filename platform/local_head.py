@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flare.platform.jobs import ClusterError, Token, default_token_path, find_token, probe
+from flare.platform.ray_jobs import ClusterError, Token, default_token_path, find_token, probe
 
 START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 5.0
