@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flare.datasets.readers import write_pts
+from flare.datasets.read_300w import write_pts
 from flare.datasets.records import FaceRecord, landmark_box
 
 __all__ = [

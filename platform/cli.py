@@ -76,7 +76,7 @@ def data_inspect(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Print counts and write a PNG grid of random samples with landmarks and edge heatmaps."""
-    from flare.datasets.inspect import inspect_dataset
+    from flare.platform.data_inspect import inspect_dataset
 
     counts, path = inspect_dataset(directory, png, n, seed)
     typer.echo(json.dumps(counts, sort_keys=True, indent=1))
