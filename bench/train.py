@@ -114,7 +114,7 @@ def run_case(case: Case) -> Result:
 
     from flare.models.layouts import get_layout
     from flare.platform.config import load_job
-    from flare.platform.train_loop import build_model, make_objective
+    from flare.platform.builders import build_model, objective_from_config
 
     base_mb = _rss_mb()
     device = torch.device(case.device)
@@ -122,7 +122,7 @@ def run_case(case: Case) -> Result:
     layout = get_layout(case.layout)
     torch.manual_seed(0)
     model = build_model(job, layout).to(device)
-    objective = make_objective(job).to(device)
+    objective = objective_from_config(job.objective).to(device)
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(case.batch, layout.num_points, [g.indices for g in layout.groups],
                             job.data.input_size, device, gen)

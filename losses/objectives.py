@@ -2,16 +2,16 @@
 baselines (STAR Table 10.4 "without STAR"). Each sums, over the K stacks with weights 2^(i-K+1), a landmark
 term on the fused map and the AAM auxiliaries 10*AWing(point) + 10*AWing(edge).
 
-All objectives are called as ``objective(outputs, batch) -> (total, terms)``: ``outputs`` is the model's
+All objectives are called as ``objective(outputs, batch, generator=None) -> (total, terms)``: ``outputs`` is the model's
 ``list[StackOutput]``; ``batch`` holds "landmarks" (B, N, 2) normalised labels, "point_targets" (B, N, h, w),
-"edge_targets" (B, E, h, w) and optionally "smoothing_samples" (B, N, S, 2) in heatmap px. ``terms`` holds the
+"edge_targets" (B, E, h, w) and, for RwSA, "cov" (B, N, 2, 2) or "smoothing_samples" (B, N, S, 2) in heatmap px. ``terms`` holds the
 stack-weighted sums of each term (detached, for logging; no host sync) and "total".
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from flare.losses.awing import awing_loss, js_gaussian_regulariser
 from flare.losses.rwsa import RWSALoss
+from flare.losses.smoothing import sample_smoothing
 from flare.losses.star import STARLoss
+from flare.models.decode import label_to_grid_index, soft_argmax
 from flare.models.hourglass import StackOutput
 
 SOFTARGMAX_DISTANCES = ("smoothl1", "l2")
-SUM_EPS = 1e-6  # method.md 4.1
 NORM_FLOOR = 1e-6  # sqrt(max(d^2, 1e-6)) on the linear smooth-L1 branch [SC]
 
 
@@ -64,19 +65,6 @@ def _resolve_stack_weights(stacks: Sequence[float] | None, num_stacks: int) -> t
     return tuple(float(s) for s in stacks)
 
 
-def soft_argmax(heatmaps: Tensor) -> Tensor:
-    """Soft-argmax mean (method.md 4.1-4.2, Eq. 1): P = F / max(sum F, 1e-6) on the align-corners grid;
-    (B, N, h, w) with F >= 0 -> (B, N, 2) as (x from the column, y from the row), fp32."""
-    f = heatmaps.float()
-    h, w = f.shape[-2:]
-    gx = torch.linspace(-1.0, 1.0, w, device=f.device, dtype=f.dtype)
-    gy = torch.linspace(-1.0, 1.0, h, device=f.device, dtype=f.dtype)
-    inv = 1.0 / f.sum(dim=(-2, -1)).clamp_min(SUM_EPS)
-    mu_x = (f.sum(dim=-2) @ gx) * inv
-    mu_y = (f.sum(dim=-1) @ gy) * inv
-    return torch.stack((mu_x, mu_y), dim=-1)
-
-
 def point_distance(pred: Tensor, target: Tensor, distance: str, scale: float = 0.01) -> Tensor:
     """Baseline coordinate loss [SC], a scalar. "smoothl1": smooth-L1 (threshold ``scale``) of the Euclidean
     error norm, mean over (B, N); "l2": mean over (B, N, 2) of the squared error (``F.mse_loss``)."""
@@ -88,29 +76,46 @@ def point_distance(pred: Tensor, target: Tensor, distance: str, scale: float = 0
     return torch.where(d2 < scale * scale, d2 / (2.0 * scale), lin).mean()
 
 
+@dataclass(frozen=True)
+class LabelSmoothing:
+    """Image-aware label smoothing of RwSA (method.md 6.3): y' ~ N(y, gamma Sigma), ``samples`` draws per
+    landmark per iteration, from the batch's covariances "cov" (B, N, 2, 2) in heatmap px^2."""
+
+    gamma: float = 0.01
+    samples: int = 10
+
+
 class _StackedObjective(nn.Module):
-    """Shared part: stack weighting and the AAM AWing auxiliaries (method.md 4.8, 5.8)."""
+    """L = sum_i s_i [ w_lm landmark_term(fused_i) + w_pt AWing(point_i) + w_edge AWing(edge_i) (+ w_dr DR) ]
+    (method.md 4.8, 5.8): the one ``forward`` of every objective; subclasses give the landmark term."""
 
-    def __init__(self, point_weight: float, edge_weight: float, stacks: tuple[float, ...] | None) -> None:
+    def __init__(self, term_weights: dict[str, float], stacks: tuple[float, ...] | None, dr_sigma: float = 1.0) -> None:
         super().__init__()
-        self.point_weight, self.edge_weight, self.stacks = float(point_weight), float(edge_weight), stacks
+        self.term_weights, self.stacks, self.dr_sigma = term_weights, stacks, float(dr_sigma)
 
-    def _weights(self, outputs: Sequence[StackOutput]) -> tuple[float, ...]:
+    def landmark_term(self, fused: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(self, batch: Mapping[str, Tensor], generator: torch.Generator | None) -> Mapping[str, Tensor]:
+        """Per-iteration extras the landmark term needs (none by default)."""
+        return batch
+
+    def forward(self, outputs: Sequence[StackOutput], batch: Mapping[str, Tensor],
+                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if not outputs:
             raise ValueError("outputs is empty")
-        return _resolve_stack_weights(self.stacks, len(outputs))
-
-    def _awing_terms(self, out: StackOutput, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """AWing(point_i, T_pt) and AWing(edge_i, T_edge); None where the model has no AAM heads."""
-        point = None if out.points is None else awing_loss(out.points, batch["point_targets"])
-        edge = None if out.edges is None else awing_loss(out.edges, batch["edge_targets"])
-        return point, edge
-
-    @staticmethod
-    def _finish(parts: dict[str, list[Tensor]], weighted: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Sum each term's stack-weighted values, apply the term weights, return (total, detached terms)."""
+        batch = self.prepare(batch, generator)
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.term_weights}
+        for s, out in zip(_resolve_stack_weights(self.stacks, len(outputs)), outputs):
+            parts["landmark"].append(s * self.landmark_term(out.fused, batch))
+            if out.points is not None:
+                parts["awing_point"].append(s * awing_loss(out.points, batch["point_targets"]))
+            if out.edges is not None:
+                parts["awing_edge"].append(s * awing_loss(out.edges, batch["edge_targets"]))
+            if self.term_weights.get("dr"):
+                parts["dr"].append(s * js_gaussian_regulariser(out.fused, batch["landmarks"], self.dr_sigma))
         terms = {name: torch.stack(vals).sum() for name, vals in parts.items() if vals}
-        total = sum(weighted[name] * value for name, value in terms.items())
+        total = sum(self.term_weights[name] * value for name, value in terms.items())
         logged = {name: value.detach() for name, value in terms.items()}
         logged["total"] = total.detach()
         return total, logged
@@ -126,25 +131,13 @@ class StarObjective(_StackedObjective):
     def __init__(self, weights: StarObjectiveWeights | None = None, dr_sigma: float = 1.0,
                  **star_kwargs: Any) -> None:
         weights = weights or StarObjectiveWeights()
-        super().__init__(weights.point, weights.edge, weights.stacks)
-        self.weights, self.dr_sigma = weights, float(dr_sigma)
+        super().__init__({"landmark": weights.landmark, "awing_point": weights.point, "awing_edge": weights.edge,
+                          "dr": weights.dr}, weights.stacks, dr_sigma)
+        self.weights = weights
         self.star = STARLoss(**star_kwargs)
 
-    def forward(self, outputs: Sequence[StackOutput], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        target = batch["landmarks"]
-        parts: dict[str, list[Tensor]] = {"landmark": [], "awing_point": [], "awing_edge": [], "dr": []}
-        for s, out in zip(self._weights(outputs), outputs):
-            parts["landmark"].append(s * self.star(out.fused, target))
-            point, edge = self._awing_terms(out, batch)
-            if point is not None:
-                parts["awing_point"].append(s * point)
-            if edge is not None:
-                parts["awing_edge"].append(s * edge)
-            if self.weights.dr:
-                parts["dr"].append(s * js_gaussian_regulariser(out.fused, target, self.dr_sigma))
-        w = self.weights
-        return self._finish(parts, {"landmark": w.landmark, "awing_point": w.point, "awing_edge": w.edge,
-                                    "dr": w.dr})
+    def landmark_term(self, fused: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.star(fused, batch["landmarks"])
 
 
 class SoftArgmaxObjective(_StackedObjective):
@@ -159,80 +152,40 @@ class SoftArgmaxObjective(_StackedObjective):
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         weights = weights or StarObjectiveWeights()
-        super().__init__(weights.point, weights.edge, weights.stacks)
-        self.weights, self.distance, self.scale, self.dr_sigma = weights, distance, float(scale), float(dr_sigma)
+        super().__init__({"landmark": weights.landmark, "awing_point": weights.point, "awing_edge": weights.edge,
+                          "dr": weights.dr}, weights.stacks, dr_sigma)
+        self.weights, self.distance, self.scale = weights, distance, float(scale)
 
-    def forward(self, outputs: Sequence[StackOutput], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        target = batch["landmarks"]
-        parts: dict[str, list[Tensor]] = {"landmark": [], "awing_point": [], "awing_edge": [], "dr": []}
-        for s, out in zip(self._weights(outputs), outputs):
-            pred = soft_argmax(out.fused)
-            parts["landmark"].append(s * point_distance(pred, target, self.distance, self.scale))
-            point, edge = self._awing_terms(out, batch)
-            if point is not None:
-                parts["awing_point"].append(s * point)
-            if edge is not None:
-                parts["awing_edge"].append(s * edge)
-            if self.weights.dr:
-                parts["dr"].append(s * js_gaussian_regulariser(out.fused, target, self.dr_sigma))
-        w = self.weights
-        return self._finish(parts, {"landmark": w.landmark, "awing_point": w.point, "awing_edge": w.edge,
-                                    "dr": w.dr})
+    def landmark_term(self, fused: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return point_distance(soft_argmax(fused), batch["landmarks"], self.distance, self.scale)
 
 
 class RwsaObjective(_StackedObjective):
     """L_total = L_AWing + lam * L_ours (method.md 5.8, Eq. A14): L_AWing = sum_i s_i [10 AWing(point_i) +
     10 AWing(edge_i)], L_ours = sum_i s_i RWSALoss(fused_i, labels, smoothing samples).
 
+    Smoothing samples (6.3) are the batch's "smoothing_samples" (B, N, S, 2) heatmap px when given, else
+    drawn here every iteration from its "cov" with ``smoothing``; without either, the annotated point.
     ``rwsa_kwargs`` go to ``RWSALoss`` (alpha, epsilon, margin, margin_units, reduction, target).
     """
 
-    def __init__(self, weights: RwsaObjectiveWeights | None = None, **rwsa_kwargs: Any) -> None:
+    def __init__(self, weights: RwsaObjectiveWeights | None = None, smoothing: LabelSmoothing | None = None,
+                 **rwsa_kwargs: Any) -> None:
         weights = weights or RwsaObjectiveWeights()
-        super().__init__(weights.point, weights.edge, weights.stacks)
-        self.weights = weights
+        super().__init__({"landmark": weights.lam, "awing_point": weights.point, "awing_edge": weights.edge},
+                         weights.stacks)
+        self.weights, self.smoothing = weights, smoothing
         self.rwsa = RWSALoss(**rwsa_kwargs)
 
-    def forward(self, outputs: Sequence[StackOutput], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        target, samples = batch["landmarks"], batch.get("smoothing_samples")
-        parts: dict[str, list[Tensor]] = {"landmark": [], "awing_point": [], "awing_edge": []}
-        for s, out in zip(self._weights(outputs), outputs):
-            parts["landmark"].append(s * self.rwsa(out.fused, target, samples))
-            point, edge = self._awing_terms(out, batch)
-            if point is not None:
-                parts["awing_point"].append(s * point)
-            if edge is not None:
-                parts["awing_edge"].append(s * edge)
-        w = self.weights
-        return self._finish(parts, {"landmark": w.lam, "awing_point": w.point, "awing_edge": w.edge})
+    def prepare(self, batch: Mapping[str, Tensor], generator: torch.Generator | None) -> Mapping[str, Tensor]:
+        """Draw this iteration's smoothing samples y' ~ N(y, gamma Sigma) in heatmap px (6.3)."""
+        if "smoothing_samples" in batch or self.smoothing is None or "cov" not in batch:
+            return batch
+        h = batch["point_targets"].shape[-1]
+        y = label_to_grid_index(batch["landmarks"], h, "corners")
+        samples = sample_smoothing(y, batch["cov"], gamma=self.smoothing.gamma, num_samples=self.smoothing.samples,
+                                   generator=generator, width=h)
+        return {**batch, "smoothing_samples": samples}
 
-
-OBJECTIVES = ("star", "rwsa", "l2", "smoothl1")
-
-
-def _split(kwargs: dict[str, Any], weights_type: type) -> tuple[Any, dict[str, Any]]:
-    """Split keyword arguments into a weights dataclass (its field names) and the remaining options."""
-    names = {f.name for f in fields(weights_type)}
-    chosen = {k: v for k, v in kwargs.items() if k in names}
-    if chosen.get("stacks") is not None:
-        chosen["stacks"] = tuple(float(s) for s in chosen["stacks"])
-    return weights_type(**chosen), {k: v for k, v in kwargs.items() if k not in names}
-
-
-def build_objective(name: str, **weights: Any) -> nn.Module:
-    """Objective by recipe name: "star", "rwsa", or the soft-argmax baselines "l2" / "smoothl1".
-
-    Keyword arguments named like fields of the weights dataclass (landmark/point/edge/dr/stacks for
-    STAR and the baselines; lam/point/edge/stacks for RwSA) set the weights; the rest go to the objective
-    (e.g. ``w``, ``distance``, ``restriction`` for STAR; ``alpha``, ``epsilon``, ``reduction`` for RwSA).
-    """
-    if name == "star":
-        w, rest = _split(weights, StarObjectiveWeights)
-        return StarObjective(w, **rest)
-    if name == "rwsa":
-        w, rest = _split(weights, RwsaObjectiveWeights)
-        return RwsaObjective(w, **rest)
-    if name in SOFTARGMAX_DISTANCES:
-        w, rest = _split(weights, StarObjectiveWeights)
-        return SoftArgmaxObjective(name, w, **rest)
-    raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+    def landmark_term(self, fused: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.rwsa(fused, batch["landmarks"], batch.get("smoothing_samples"))

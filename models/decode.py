@@ -20,7 +20,7 @@ import torch
 
 CONVENTIONS = ("corners", "consistent")
 REFINEMENTS = ("none", "local_softargmax", "quarter_offset")
-DECODE_METHODS = ("soft_argmax", "argmax", "none", "local_softargmax", "quarter_offset")
+DECODERS = ("softargmax", "argmax", "argmax_refine")  # the job spec's names (decode: ...)
 
 ArrayLike = Any  # numpy array, torch tensor or Python scalar
 
@@ -69,6 +69,12 @@ def label_to_grid_index(u: ArrayLike, width: int, convention: str) -> ArrayLike:
             raise ValueError("the 'corners' grid needs width >= 2")
         return (u + 1.0) * (width - 1) / 2.0
     return ((u + 1.0) * width - 1.0) / 2.0
+
+
+def align_corners_grid(n: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The STAR training grid along one axis: g_j = 2j/(n - 1) - 1 for j = 0..n-1 (1.3, "corners")."""
+    return grid_index_to_label(torch.arange(n, device=device, dtype=dtype), n, "corners")
 
 
 def heatmap_px_to_label(
@@ -246,25 +252,35 @@ def _quarter_offset(flat: torch.Tensor, row: torch.Tensor, col: torch.Tensor, h:
     return torch.stack((x, y), dim=-1)
 
 
-def decode(
-    heatmaps: torch.Tensor,
-    method: str,
-    *,
-    radius: int = 1,
-    temperature: float = 1.0,
-    convention: str = "corners",
-) -> torch.Tensor:
-    """Decode (B, N, h, w) maps to NORMALISED labels (B, N, 2) (4.1-4.2, 5.9).
+# --------------------------------------------------------------------------------------------------------------
+# The one dispatcher, with the job spec's names (5.9)
+# --------------------------------------------------------------------------------------------------------------
 
-    ``method``: ``"soft_argmax"`` (STAR, non-negative maps only), ``"argmax"`` / ``"none"`` (plain argmax),
-    ``"local_softargmax"`` or ``"quarter_offset"`` (argmax refinements). Heatmap px are mapped to labels on the
-    ``convention`` grid (default ``"corners"``, the STAR/RwSA training grid).
+
+def check_decoder(method: str) -> str:
+    """``method`` if it is one of :data:`DECODERS`, else ValueError naming the known ones."""
+    if method not in DECODERS:
+        raise ValueError(f"unknown decoder {method!r}; known: {', '.join(DECODERS)}")
+    return method
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, method: str, temperature: float = 1.0) -> torch.Tensor:
+    """(B, N, h, w) last-stack maps -> (B, N, 2) normalised labels u on the STAR grid (1.3, 5.9).
+
+    ``"softargmax"``: Eq. 1 on non-negative maps (STAR, soft-argmax baselines); ``"argmax"``: the peak;
+    ``"argmax_refine"``: the peak refined by a 3x3 local soft-argmax at ``temperature`` (RwSA's epsilon).
+    Never the sum-normalised decoder on RwSA's signed scores (5.9).
     """
-    if method not in DECODE_METHODS:
-        raise ValueError(f"unknown decode method {method!r}; known: {DECODE_METHODS}")
-    if method == "soft_argmax":
-        return soft_argmax(heatmaps, convention)
-    refine = "none" if method == "argmax" else method
-    p_hm = argmax_decode(heatmaps, refine=refine, radius=radius, temperature=temperature)
-    h, w = heatmaps.shape[-2:]
-    return heatmap_px_to_label(p_hm, w, convention, height=h)
+    if check_decoder(method) == "softargmax":
+        return soft_argmax(heatmaps)
+    refine = "local_softargmax" if method == "argmax_refine" else "none"
+    p_hm = argmax_decode(heatmaps, refine=refine, radius=1, temperature=temperature)
+    return heatmap_px_to_label(p_hm, heatmaps.shape[-1], convention="corners", height=heatmaps.shape[-2])
+
+
+def decoders_for(objective: str, decode: str = "auto") -> list[str]:
+    """Decoders compared on validation (9.6): ``decode`` if set, else both argmax variants for RwSA's signed
+    scores and soft-argmax for the non-negative maps of the other objectives (5.9)."""
+    if decode != "auto":
+        return [check_decoder(decode)]
+    return ["argmax_refine", "argmax"] if objective == "rwsa" else ["softargmax"]

@@ -7,7 +7,9 @@ A checkpoint directory holds ``state.pt`` (model, EMA, optimiser, scheduler, epo
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,37 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
     state = torch.load(state_path, map_location=map_location, weights_only=True)
     job = json.loads((directory / JOB_FILE).read_text())
     return state, job
+
+
+def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Model weights chosen on validation (method.md 9.6): raw or EMA (``AveragedModel`` keys stripped)."""
+    if state.get("weights") == "ema":
+        return {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    return state["model"]
+
+
+def checkpoint_info(state: dict[str, Any]) -> dict[str, Any]:
+    """What a model card and the registry record of a checkpoint: epoch, val NME, weights, decoder."""
+    return {"epoch": int(state["epoch"]), "val_nme": float(state["val_nme"]), "weights": state["weights"],
+            "decoder": state["decoder"]}
+
+
+def _scan(run_dir: Path, key: Callable[[dict[str, Any]], float]) -> Path | None:
+    """The ``checkpoint_*``/``epoch_*`` directory of ``run_dir`` whose state minimises ``key``."""
+    best, best_key = None, math.inf
+    for d in sorted([*Path(run_dir).glob("checkpoint_*"), *Path(run_dir).glob("epoch_*")]):
+        if (d / STATE_FILE).is_file():
+            k = key(load_checkpoint(d)[0])
+            if k < best_key:
+                best, best_key = d, k
+    return best
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run directory (by the epoch stored in it)."""
+    return _scan(run_dir, lambda state: -int(state["epoch"]))
+
+
+def best_checkpoint_dir(run_dir: Path) -> Path | None:
+    """The checkpoint of a run directory with the smallest val NME (never the test set, method.md 9.6)."""
+    return _scan(run_dir, lambda state: float(state["val_nme"]))

@@ -1,4 +1,4 @@
-"""``flare eval``: NME, FR and AUC of a model on a prepared split, overall and per subset (issue 4).
+"""``flare eval``: NME, FR and AUC of a model on a prepared split, overall and per subset.
 
 Predictions are mapped to original-image pixels and compared with the unclamped ground truth
 (method.md 9.1, ``eval.space = "original"``); FR/AUC use the layout's threshold with the official
@@ -18,7 +18,6 @@ from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
 from flare.files import atomic_write_bytes
 from flare.models.metrics import ced_curve, evaluate
 from flare.platform.predictor import Predictor
-from flare.platform.train_loop import predict_original
 
 SUBSETS_SKIPPED = {"full", "synthetic"}
 
@@ -33,11 +32,9 @@ def predict_split(predictor: Predictor, data: Path, split: str, batch_size: int 
     builder = BatchBuilder(manifest.layout, predictor.input_size, augment=False)
     preds, gts, subsets, ids = [], [], [], []
     for rows in iter_local_rows(manifest, split, batch_size):
-        batch = {k: v.to(predictor.device) for k, v in builder(rows).items()}
-        batch["to_original"] = batch["to_original"].cpu()
-        preds.append(predict_original(predictor.model, batch, decoder or predictor.decoder, predictor.input_size,
-                                      predictor.job.objective.rwsa.epsilon))
-        gts.append(batch["landmarks_original"].cpu().double().numpy())
+        batch = builder(rows)
+        preds.append(predictor.predict_batch(batch["image"], batch["to_original"], decoder))
+        gts.append(batch["landmarks_original"].double().numpy())
         subsets += [r["subsets"] for r in rows]
         ids += [r["sample_id"] for r in rows]
     return {"pred": np.concatenate(preds), "gt": np.concatenate(gts), "subsets": subsets, "ids": ids,
@@ -85,9 +82,7 @@ def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: P
 def extremes_png(predictor: Predictor, data: Path, split: str, labels: dict[str, str], path: Path,
                  decoder: str | None = None) -> Path:
     """Overlay grid of the faces named in ``labels`` (in that order) on their input crops."""
-    from flare.models.decode import label_to_crop
     from flare.platform.plots import overlay_grid
-    from flare.platform.train_loop import decode_heatmaps
 
     manifest = load_manifest(data)
     builder = BatchBuilder(manifest.layout, predictor.input_size, augment=False)
@@ -97,15 +92,17 @@ def extremes_png(predictor: Predictor, data: Path, split: str, labels: dict[str,
         if not rows:
             continue
         batch = builder(rows)
-        with torch.no_grad():
-            heat = predictor.model(batch["image"].to(predictor.device))[-1].fused.float().cpu()
-        u = decode_heatmaps(heat, decoder or predictor.decoder, predictor.job.objective.rwsa.epsilon).double()
-        pred = label_to_crop(u, predictor.input_size).numpy()
-        for r, img, p, g in zip(rows, batch["image"], pred, batch["landmarks_crop"].numpy()):
-            found[r["sample_id"]] = (((img.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8), p, g)
+        pred = predictor.predict_batch(batch["image"], decoder=decoder)
+        for r, img, p, g in zip(rows, to_uint8_images(batch["image"]), pred, batch["landmarks_crop"].numpy()):
+            found[r["sample_id"]] = (img, p, g)
     ids = [i for i in labels if i in found]
     return overlay_grid([found[i][0] for i in ids], [found[i][1] for i in ids], [found[i][2] for i in ids], path,
                         titles=[labels[i] for i in ids])
+
+
+def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
+    """Input crops (B, 3, S, S) in [-1, 1] -> BGR uint8 images (S, S, 3) for figures."""
+    return [((img.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8) for img in images.cpu()]
 
 
 def _jsonable(x: Any) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -106,3 +108,62 @@ def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[n
             cv2.ellipse(t, center, axes, angle, 0, 360, (0, 200, 255), 1, cv2.LINE_AA)
         tiles.append(t)
     return write_png(path, tile_grid(tiles, tile))
+
+
+# ---------------------------------------------------------------------------------------------- tune
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """``a=1, b=0.001`` for a trial's sampled values."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+
+
+def trial_table(trials: Sequence[Any], max_epochs: int) -> str:
+    """A plain-text table: trial, sampled values, epochs run, best val NME, stopped early (at which rung)."""
+    keys = sorted({k for t in trials for k in t.values})
+    head = ["trial", *keys, "epochs", "best val NME", "stopped early"]
+    rows = []
+    for t in trials:
+        if t.status == "ERROR":
+            stop = f"error: {t.error}"[:60]
+        else:
+            stop = f"yes (rung {t.epochs})" if t.stopped_early(max_epochs) else "no"
+        best = f"{t.best_val_nme:.5f}" if t.history else "-"
+        rows.append([t.trial_id, *[_fmt(t.values.get(k, "")) for k in keys], str(t.epochs), best, stop])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plot_trials(trials: Sequence[Any], rungs: list[int], max_epochs: int, path: Path, title: str) -> Path:
+    """val NME against epochs for every trial; ASHA's rungs as dashed lines, early stops as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rungs:
+        ax.axvline(r, color="0.6", ls="--", lw=1)
+        ax.annotate(f"rung {r}", (r, 1.0), xycoords=("data", "axes fraction"), ha="left", va="top",
+                    fontsize=8, color="0.4", xytext=(2, -2), textcoords="offset points")
+    for t in trials:
+        if not t.history:
+            continue
+        xs, ys = zip(*t.history)
+        (ln,) = ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=t.trial_id)
+        if t.stopped_early(max_epochs):
+            ax.plot([xs[-1]], [ys[-1]], marker="x", ms=9, mew=2, color=ln.get_color())
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epochs completed")
+    ax.set_ylabel("val NME")
+    ax.set_xlim(0.5, max_epochs + 0.5)
+    ax.set_title(f"{title} (x = stopped by ASHA)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""``flare.Predictor``: load a trained model from anywhere and predict landmarks on photos (issue 4).
+"""``flare.Predictor``: load a trained model from anywhere and predict landmarks on photos.
 
 ``Predictor.load(uri)`` accepts ``models:/name@alias``, ``models:/name/version``, ``runs:/<run_id>``
 (or a bare run id), a pulled model directory, or a training checkpoint directory. Weights are read with
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from flare.datasets.augment import crop_matrix, to_tensor_image
-from flare.models.decode import label_to_crop
+from flare.models.decode import apply_affine, check_decoder, decode_heatmaps, label_to_crop
 from flare.models.hourglass import StackedHourglass
 from flare.models.layouts import Layout, get_layout
+from flare.platform.builders import build_model
+from flare.platform.checkpoints import checkpoint_info, selected_weights
 from flare.platform.config import JobConfig, parse_job
-from flare.platform.train_loop import build_model, decode_heatmaps
 
 CROP_ENLARGE = 1.05  # method.md 8.1
 # Haar face box -> landmark-extent box, measured on 300 random 300W training images (279 detected):
@@ -37,20 +38,32 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class Predictor:
-    """A trained flare model with its layout and its validation-selected decoder."""
+    """A trained model with its layout, crop size and validation-selected decoder: forward, decode and
+    map back to the image (method.md 1.4, 5.9) in one place, for prediction, evaluation and validation.
+
+    ``temperature`` is the argmax refinement's (RwSA's epsilon); ``job`` is the spec the model was trained
+    with, when known (model cards, figures), and is never read to predict."""
 
     model: StackedHourglass
-    job: JobConfig
     layout: Layout
+    input_size: int
     decoder: str
-    info: dict[str, Any]
-    device: torch.device
+    temperature: float = 1.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    info: dict[str, Any] = field(default_factory=dict)
+    job: JobConfig | None = None
 
-    @property
-    def input_size(self) -> int:
-        return self.job.data.input_size
+    def __post_init__(self) -> None:
+        check_decoder(self.decoder)
 
     # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_job(cls, model: StackedHourglass, job: JobConfig, layout: Layout, decoder: str,
+                 info: dict[str, Any] | None = None, device: torch.device | None = None) -> Predictor:
+        """A predictor for ``model`` trained with ``job`` (crop size and RwSA's epsilon from the spec)."""
+        return cls(model, layout, job.data.input_size, decoder, job.objective.rwsa.epsilon,
+                   device or next(model.parameters()).device, dict(info or {}), job)
 
     @classmethod
     def from_files(cls, state_path: Path, job_path: Path, device: str | None = None) -> Predictor:
@@ -61,17 +74,18 @@ class Predictor:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         info = dict(meta.get("info", {}))
         if "model" in state and isinstance(state["model"], dict):  # a training checkpoint
-            from flare.platform.ray_train import selected_weights
-
-            info = {"epoch": int(state["epoch"]), "val_nme": float(state["val_nme"]), "weights": state["weights"],
-                    "decoder": state["decoder"]}
+            info = checkpoint_info(state)
             state = selected_weights(state)
         model = build_model(job, layout)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelLoadError(f"{state_path}: the weights do not fit the spec in {job_path} "
+                                 f"({str(err).splitlines()[0]})") from None
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(dev).eval()
         decoder = info.get("decoder") or ("argmax_refine" if job.objective.name == "rwsa" else "softargmax")
-        return cls(model, job, layout, decoder, info, dev)
+        return cls.from_job(model, job, layout, decoder, info, dev)
 
     @classmethod
     def from_dir(cls, directory: Path, device: str | None = None) -> Predictor:
@@ -110,6 +124,26 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------ predicting
 
+    def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
+        """Last-stack fused maps (B, N, h, w), fp32 on the model's device, for input crops (B, 3, S, S)."""
+        with torch.no_grad():
+            return self.model(images.to(self.device))[-1].fused.float()
+
+    def decode(self, heatmaps: torch.Tensor, decoder: str | None = None) -> np.ndarray:
+        """Maps -> landmarks (B, N, 2) in crop px, float64 (method.md 1.4, 5.9)."""
+        u = decode_heatmaps(heatmaps, decoder or self.decoder, self.temperature).double().cpu()
+        return label_to_crop(u, self.input_size).numpy()
+
+    def predict_batch(self, images: torch.Tensor, to_original: np.ndarray | torch.Tensor | None = None,
+                      decoder: str | None = None) -> np.ndarray:
+        """Landmarks (B, N, 2) for crops (B, 3, S, S): crop px, or original px through ``to_original``
+        (B, 3, 3), the crop -> original matrices M^-1 (method.md 1.4)."""
+        p = self.decode(self.heatmaps(images), decoder)
+        if to_original is None:
+            return p
+        m = to_original.detach().cpu().double().numpy() if isinstance(to_original, torch.Tensor) else to_original
+        return np.asarray(apply_affine(p, m), np.float64)
+
     def predict_crops(self, image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """Landmarks (F, N, 2) in original px for faces given by crop centres/scales (method.md 1.2, 1.4)."""
         size = self.input_size
@@ -119,13 +153,7 @@ class Predictor:
             crops.append(to_tensor_image(cv2.warpAffine(image_bgr, m[:2], (size, size), flags=cv2.INTER_LINEAR,
                                                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)))
             mats.append(np.linalg.inv(m))
-        x = torch.stack(crops).to(self.device)
-        with torch.no_grad():
-            heat = self.model(x)[-1].fused.float()
-        u = decode_heatmaps(heat, self.decoder, self.job.objective.rwsa.epsilon).double().cpu().numpy()
-        p = label_to_crop(u, size)
-        inv = np.stack(mats)
-        return np.einsum("fij,fnj->fni", inv[:, :2, :2], p) + inv[:, None, :2, 2]
+        return self.predict_batch(torch.stack(crops), np.stack(mats))
 
     def predict(self, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True) -> list[np.ndarray]:
         """(N, 2) landmarks in original px per face. ``boxes`` (F, 4) as x, y, w, h; else faces are

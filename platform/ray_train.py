@@ -1,4 +1,4 @@
-"""``flare train``: a job spec on Ray Train (V2 API) with MLflow tracking and registry (issue 4).
+"""``flare train``: a job spec on Ray Train (V2 API) with MLflow tracking and registry.
 
 The driver validates everything before any worker starts (spec, manifest, layout), opens one MLflow
 run, runs :func:`flare.platform.train_loop.train_worker` on a ``TorchTrainer`` (gloo on CPU, nccl on
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from flare.datasets.ingest import Manifest, load_manifest, ray_dataset
-from flare.platform.checkpoints import load_checkpoint
+from flare.platform.builders import build_model
+from flare.platform.checkpoints import checkpoint_info, latest_checkpoint, load_checkpoint, selected_weights
 from flare.platform.config import ConfigError, JobConfig
-from flare.platform.train_loop import VAL_METRIC, build_model, train_worker
+from flare.platform.train_loop import VAL_METRIC, train_worker
 
 
 class RaySession:
@@ -253,32 +253,13 @@ def best_checkpoint(result: Any):
     return min(cands, key=lambda t: t[0])[1]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``checkpoint_*`` directory of a Ray Train run directory (by epoch in state)."""
-    best, best_epoch = None, -1
-    for d in sorted(Path(run_dir).glob("checkpoint_*")):
-        if (d / "state.pt").is_file():
-            state, _ = load_checkpoint(d)
-            if int(state["epoch"]) > best_epoch:
-                best, best_epoch = d, int(state["epoch"])
-    return best
-
-
-def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Model weights chosen on validation: raw or EMA (``AveragedModel`` keys stripped)."""
-    if state.get("weights") == "ema":
-        return {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    return state["model"]
-
-
 def finish_run(job: JobConfig, checkpoint: Path, run_id: str | None, tracking_uri: str | None,
                log=print) -> TrainOutcome:
     """Log the selected model of ``checkpoint`` to MLflow (and register it)."""
     from flare.platform import tracking
 
     state, meta = load_checkpoint(checkpoint)
-    info = {"epoch": int(state["epoch"]), "val_nme": float(state["val_nme"]), "weights": state["weights"],
-            "decoder": state["decoder"]}
+    info = checkpoint_info(state)
     version = None
     if run_id is not None:
         layout = load_manifest(job.data.manifest).layout
@@ -290,7 +271,7 @@ def finish_run(job: JobConfig, checkpoint: Path, run_id: str | None, tracking_ur
         from flare.platform.predictor import Predictor
         from flare.platform.run_figures import log_run_figures
 
-        log_run_figures(run_id, Predictor(model.eval(), job, layout, info["decoder"], info, torch.device("cpu")))
+        log_run_figures(run_id, Predictor.from_job(model.eval(), job, layout, info["decoder"], info), job)
         log(f"model logged to run {run_id}" + (f", registered {job.mlflow.registered_model} v{version}"
                                                if version else ""))
     return TrainOutcome(run_id, checkpoint, info, version, checkpoint, [])

@@ -1,4 +1,4 @@
-"""Figures logged with every training run (issue 4): the validation CED plot, validation predictions
+"""Figures logged with every training run: the validation CED plot, validation predictions
 over the images (ground truth green, prediction red) and STAR's PCA ellipses of the heatmap
 distributions (STAR paper Fig. 3)."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
 from flare.losses.star import weighted_moments
 from flare.models.decode import label_to_crop
 from flare.platform.config import JobConfig
+from flare.platform.evaluate import evaluate_model, to_uint8_images
 from flare.platform.plots import ellipse_grid, overlay_grid
 from flare.platform.predictor import Predictor
 
@@ -29,24 +29,18 @@ def distribution(heatmaps: torch.Tensor, job: JobConfig) -> torch.Tensor:
     return torch.softmax(heatmaps.reshape(b, n, -1) / job.objective.rwsa.epsilon, -1).reshape(b, n, h, w)
 
 
-def write_run_figures(predictor: Predictor, out: Path) -> list[Path]:
+def write_run_figures(predictor: Predictor, job: JobConfig, out: Path) -> list[Path]:
     """Write ``val_ced.png`` (+ metrics), ``val_predictions.png`` and ``val_ellipses.png`` into ``out``."""
-    from flare.platform.evaluate import evaluate_model
-
-    job = predictor.job
     data = Path(job.data.manifest)
     evaluate_model(predictor, data, job.data.val_split, out / "val_eval")
     manifest = load_manifest(data)
     builder = BatchBuilder(manifest.layout, job.data.input_size, augment=False)
     rows = next(iter_local_rows(manifest, job.data.val_split, N_FACES))
     batch = builder(rows)
-    with torch.no_grad():
-        heat = predictor.model(batch["image"].to(predictor.device))[-1].fused.float().cpu()
-    from flare.platform.train_loop import decode_heatmaps
-
+    heat = predictor.heatmaps(batch["image"]).cpu()
     size = job.data.input_size
-    pred = label_to_crop(decode_heatmaps(heat, predictor.decoder, job.objective.rwsa.epsilon).double(), size).numpy()
-    images = [((img.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8) for img in batch["image"]]
+    pred = predictor.decode(heat)
+    images = to_uint8_images(batch["image"])
     gts = list(batch["landmarks_crop"].numpy())
     mu, cov = weighted_moments(distribution(heat, job).double())
     mu_px = label_to_crop(mu, size).numpy()
@@ -56,10 +50,10 @@ def write_run_figures(predictor: Predictor, out: Path) -> list[Path]:
             ellipse_grid(images, list(mu_px), list(cov_px), out / "val_ellipses.png")]
 
 
-def log_run_figures(run_id: str, predictor: Predictor) -> None:
+def log_run_figures(run_id: str, predictor: Predictor, job: JobConfig) -> None:
     """Write the figures and log them (and the val metrics) as artifacts of ``run_id``."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_run_figures(predictor, Path(tmp))
+        write_run_figures(predictor, job, Path(tmp))
         mlflow.MlflowClient().log_artifacts(run_id, tmp, "figures")

@@ -1,4 +1,4 @@
-"""The per-worker training loop (issue 4), one readable recipe for every objective.
+"""The per-worker training loop, one readable recipe for every objective.
 
 :func:`train_worker` is what Ray Train runs on each worker; :func:`train_local` runs the very same
 function in one process without Ray (GPU hosts without Ray, unit tests). A :class:`Session` hides
@@ -26,14 +26,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flare.datasets.ingest import BatchBuilder, Manifest, iter_local_rows, load_manifest
 from flare.files import atomic_write_bytes
-from flare.losses.objectives import build_objective
-from flare.losses.smoothing import sample_smoothing
-from flare.models.decode import argmax_decode, heatmap_px_to_label, label_to_crop, soft_argmax
-from flare.models.hourglass import StackedHourglass, stacked_hourglass
+from flare.models.decode import apply_affine, decoders_for
 from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
-from flare.platform.checkpoints import load_checkpoint, save_checkpoint
+from flare.platform.builders import build_model, objective_from_config
+from flare.platform.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
+from flare.platform.predictor import Predictor
 
 VAL_METRIC = "val_nme"
 
@@ -57,67 +56,6 @@ class Session(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_model(job: JobConfig, layout: Layout) -> StackedHourglass:
-    """The stacked hourglass of the job spec for ``layout`` (method.md 3)."""
-    m = job.model
-    return stacked_hourglass(
-        layout, num_stacks=m.stacks, channels=m.channels, depth=m.depth, input_size=job.data.input_size,
-        aam=m.aam, heatmap_activation=job.heatmap_activation, fusion=m.fusion,
-    )
-
-
-def make_objective(job: JobConfig) -> nn.Module:
-    """The objective of the job spec with all its weights (method.md 4.8, 5.8)."""
-    o = job.objective
-    if o.name == "star":
-        return build_objective("star", w=o.star.w, distance=o.star.distance, restriction=o.star.restriction,
-                               value_form=o.star.value_form, variant=o.star.variant, s=o.star.s,
-                               point=o.awing_point_weight, edge=o.awing_edge_weight, dr=o.dr_weight)
-    if o.name == "rwsa":
-        return build_objective("rwsa", alpha=o.rwsa.alpha, epsilon=o.rwsa.epsilon, lam=o.rwsa.lam,
-                               margin=o.rwsa.margin, reduction=o.rwsa.reduction, target=o.rwsa.target,
-                               point=o.awing_point_weight, edge=o.awing_edge_weight)
-    return build_objective(o.name, point=o.awing_point_weight, edge=o.awing_edge_weight, dr=o.dr_weight)
-
-
-def decoders_for(job: JobConfig) -> list[str]:
-    """Decoders evaluated on validation: soft-argmax for non-negative maps, both argmax variants for
-    RwSA's signed scores (method.md 5.9: never the sum-normalised decoder on signed scores)."""
-    if job.decode != "auto":
-        return [job.decode]
-    return ["argmax_refine", "argmax"] if job.objective.name == "rwsa" else ["softargmax"]
-
-
-def decode_heatmaps(heatmaps: torch.Tensor, method: str, epsilon: float = 1.0) -> torch.Tensor:
-    """(B,N,h,w) last-stack map -> (B,N,2) normalised labels u (STAR grid, method.md 1.3/5.9)."""
-    if method == "softargmax":
-        return soft_argmax(heatmaps)
-    refine = "local_softargmax" if method == "argmax_refine" else "none"
-    p_hm = argmax_decode(heatmaps, refine=refine, radius=1, temperature=epsilon)
-    return heatmap_px_to_label(p_hm, heatmaps.shape[-1], convention="corners")
-
-
-def predict_original(model: nn.Module, batch: dict[str, torch.Tensor], method: str, size: int,
-                     epsilon: float = 1.0) -> np.ndarray:
-    """Landmarks in original-image px (method.md 1.4): decode, u -> crop px -> M^-1."""
-    with torch.no_grad():
-        outputs = model(batch["image"])
-    u = decode_heatmaps(outputs[-1].fused.float(), method, epsilon).double().cpu()
-    p = label_to_crop(u, size)
-    m = batch["to_original"].cpu()
-    return (p @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]).numpy()
-
-
-def smoothing_samples(batch: dict[str, torch.Tensor], job: JobConfig, generator: torch.Generator) -> torch.Tensor:
-    """Label-smoothing samples (B,N,S,2) in heatmap px, fresh every iteration (method.md 6.3)."""
-    h = batch["point_targets"].shape[-1]
-    y = (batch["landmarks"] + 1) * (h - 1) / 2
-    sm = job.objective.smoothing
-    if not sm.enabled:
-        return y[:, :, None, :]
-    return sample_smoothing(y, batch["cov"], gamma=sm.gamma, num_samples=sm.samples, generator=generator, width=h)
-
-
 @dataclass
 class EpochStats:
     """Running sums of one training epoch (kept on the device: no per-step host sync)."""
@@ -138,17 +76,19 @@ class EpochStats:
 
 def validate(model: nn.Module, session: Session, job: JobConfig, layout: Layout, batch_size: int,
              prefix: str) -> dict[str, float]:
-    """NME/FR/AUC on the validation split for every decoder in :func:`decoders_for` (rank 0 only)."""
+    """NME/FR/AUC on the validation split for every decoder compared (method.md 9.6; rank 0 only)."""
     builder = BatchBuilder(layout, job.data.input_size, augment=False, seed=job.seed)
-    preds: dict[str, list[np.ndarray]] = {d: [] for d in decoders_for(job)}
+    decoders = decoders_for(job.objective.name, job.decode)
+    predictor = Predictor.from_job(model, job, layout, decoders[0], device=session.device)
+    preds: dict[str, list[np.ndarray]] = {d: [] for d in decoders}
     gts: list[np.ndarray] = []
     model.eval()
     for rows in session.val_rows(batch_size):
-        batch = {k: v.to(session.device) for k, v in builder(rows).items()}
-        batch["to_original"] = batch["to_original"].cpu()
-        gts.append(batch["landmarks_original"].cpu().double().numpy())
+        batch = builder(rows)
+        gts.append(batch["landmarks_original"].double().numpy())
+        heat = predictor.heatmaps(batch["image"])
         for d, out in preds.items():
-            out.append(predict_original(model, batch, d, job.data.input_size, job.objective.rwsa.epsilon))
+            out.append(apply_affine(predictor.decode(heat, d), batch["to_original"].double().numpy()))
     model.train()
     gt = np.concatenate(gts)
     out: dict[str, float] = {}
@@ -182,7 +122,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     device = session.device
     model = build_model(job, layout).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
-    objective = make_objective(job).to(device)
+    objective = objective_from_config(job.objective).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, betas=tuple(job.optimizer.betas),
                            weight_decay=job.optimizer.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
@@ -205,11 +145,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
         stats, t0 = EpochStats(), time.perf_counter()
         for rows in session.train_rows(epoch, per_worker):
             batch = {k: v.to(device, non_blocking=True) for k, v in builder(rows, epoch).items()}
-            if job.objective.name == "rwsa":
-                batch["smoothing_samples"] = smoothing_samples(batch, job, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 outputs = ddp_model(batch["image"])
-            total, terms = objective(outputs, batch)
+            total, terms = objective(outputs, batch, gen)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if job.optimizer.grad_clip:
@@ -240,7 +178,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
 
 def select_best(metrics: dict[str, Any], job: JobConfig) -> dict[str, Any]:
     """The validation-selected weights (raw or EMA) and decoder (method.md 9.6): smallest val NME."""
-    cands = [(metrics[f"{w}_{d}_nme"], w, d) for w in ("val_raw", "val_ema") for d in decoders_for(job)
+    cands = [(metrics[f"{w}_{d}_nme"], w, d) for w in ("val_raw", "val_ema")
+             for d in decoders_for(job.objective.name, job.decode)
              if f"{w}_{d}_nme" in metrics]
     nme, weights, dec = min(cands)
     return {VAL_METRIC: nme, "val_fr": metrics[f"{weights}_{dec}_fr"], "val_auc": metrics[f"{weights}_{dec}_auc"],
@@ -283,8 +222,7 @@ class LocalSession:
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
         """With ``resume``: the run dir's latest ``epoch_*`` checkpoint."""
-        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*")) if self.resume else []
-        yield ckpts[-1] if ckpts else None
+        yield latest_checkpoint(self.run_dir / "checkpoints") if self.resume else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)

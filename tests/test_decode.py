@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from flare.models.decode import (
+    align_corners_grid,
     apply_affine,
     argmax_decode,
     crop_to_label,
     crop_to_original,
-    decode,
+    decode_heatmaps,
+    decoders_for,
     grid_index_to_label,
     heatmap_px_to_label,
     invert_affine,
@@ -186,8 +188,8 @@ def test_local_softargmax_inverts_bilinear_splat() -> None:
         assert out[0, 0].tolist() == pytest.approx([x0, y0], abs=1e-10)
         # plain argmax is the heaviest corner (row 21, column 10, weight 0.42)
         assert argmax_decode(h, refine="none")[0, 0].tolist() == [10.0, 21.0]
-    # normalised output through decode(): corners grid
-    u = decode(h, "local_softargmax", temperature=0.5)
+    # normalised output through the dispatcher: corners grid
+    u = decode_heatmaps(h, "argmax_refine", temperature=0.5)
     assert u[0, 0].tolist() == pytest.approx([2 * x0 / 31 - 1, 2 * y0 / 31 - 1], abs=1e-10)
 
 
@@ -240,14 +242,24 @@ def test_decode_dispatch_and_errors() -> None:
     h = torch.zeros(1, 1, 64, 64)
     h[0, 0, 16, 48] = 1.0
     expected = [2 * 48 / 63 - 1, 2 * 16 / 63 - 1]
-    for method in ("soft_argmax", "argmax", "none", "local_softargmax", "quarter_offset"):
-        assert decode(h, method)[0, 0].tolist() == pytest.approx(expected, abs=1e-6), method
+    for method in ("softargmax", "argmax", "argmax_refine"):
+        assert decode_heatmaps(h, method)[0, 0].tolist() == pytest.approx(expected, abs=1e-6), method
     # consistent grid: (2j + 1)/W - 1
-    assert decode(h, "argmax", convention="consistent")[0, 0].tolist() == pytest.approx([97 / 64 - 1, 33 / 64 - 1])
+    p_hm = argmax_decode(h, refine="none")
+    assert heatmap_px_to_label(p_hm, 64, "consistent")[0, 0].tolist() == pytest.approx([97 / 64 - 1, 33 / 64 - 1])
     assert heatmap_px_to_label(np.array([0.0, 63.0]), W).tolist() == [-1.0, 1.0]
-    with pytest.raises(ValueError):
-        decode(h, "softmax")
+    assert align_corners_grid(5).tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="unknown decoder 'soft_argmax'"):
+        decode_heatmaps(h, "soft_argmax")  # the job spec's names only
     with pytest.raises(ValueError):
         argmax_decode(h, refine="parabola")
     with pytest.raises(ValueError):
-        decode(h[0], "argmax")
+        decode_heatmaps(h[0], "argmax")
+
+
+def test_decoders_for() -> None:
+    assert decoders_for("rwsa") == ["argmax_refine", "argmax"]
+    assert decoders_for("star") == decoders_for("smoothl1") == ["softargmax"]
+    assert decoders_for("star", "argmax") == ["argmax"]
+    with pytest.raises(ValueError, match="bogus"):
+        decoders_for("star", "bogus")

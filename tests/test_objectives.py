@@ -11,11 +11,11 @@ import torch
 
 from flare.losses.awing import awing_loss, js_gaussian_regulariser
 from flare.losses.objectives import (
+    LabelSmoothing,
     RwsaObjective,
     SoftArgmaxObjective,
     StarObjective,
     StarObjectiveWeights,
-    build_objective,
     stack_weights,
 )
 from flare.models.hourglass import StackOutput, stacked_hourglass
@@ -131,18 +131,43 @@ def test_rwsa_objective_hand_value():
     assert terms["landmark"].item() == pytest.approx(1.875 * l_ours, rel=1e-5)
 
 
-def test_build_objective():
-    star = build_objective("star", point=5.0, dr=0.1, w=2.0)
+def test_objective_from_config():
+    from flare.platform.builders import objective_from_config
+    from flare.platform.config import ObjectiveConfig
+
+    star = objective_from_config(ObjectiveConfig(name="star", awing_point_weight=5.0, dr_weight=0.1,
+                                                 star={"w": 2.0}))
     assert isinstance(star, StarObjective)
     assert star.weights == StarObjectiveWeights(landmark=1.0, point=5.0, edge=10.0, dr=0.1)
     assert star.star.w == 2.0
-    rwsa = build_objective("rwsa", lam=100.0, reduction="landmark_mean")
+    rwsa = objective_from_config(ObjectiveConfig(name="rwsa", rwsa={"lam": 100.0, "reduction": "landmark_mean"},
+                                                 smoothing={"gamma": 0.02, "samples": 3}))
     assert isinstance(rwsa, RwsaObjective) and rwsa.weights.lam == 100.0 and rwsa.rwsa.reduction == "landmark_mean"
-    l2 = build_objective("l2", stacks=[1, 1])
-    assert isinstance(l2, SoftArgmaxObjective) and l2.distance == "l2" and l2.weights.stacks == (1.0, 1.0)
-    assert build_objective("smoothl1").distance == "smoothl1"
-    with pytest.raises(ValueError):
-        build_objective("wing")
+    assert rwsa.smoothing is not None and (rwsa.smoothing.gamma, rwsa.smoothing.samples) == (0.02, 3)
+    assert objective_from_config(ObjectiveConfig(name="rwsa", smoothing={"enabled": False})).smoothing is None
+    l2 = objective_from_config(ObjectiveConfig(name="l2"))
+    assert isinstance(l2, SoftArgmaxObjective) and l2.distance == "l2"
+    assert objective_from_config(ObjectiveConfig(name="smoothl1")).distance == "smoothl1"
+
+
+def test_rwsa_objective_draws_smoothing_samples_from_cov():
+    """Without precomputed samples, RwSA draws them from the batch's covariances (method.md 6.3): the same
+    generator seed gives the same loss, another seed another loss, and a zero covariance equals no smoothing."""
+    _, batch = _synthetic_batch()
+    torch.manual_seed(0)
+    model = stacked_hourglass(W300_68, num_stacks=1, channels=16, input_size=64, heatmap_activation="none")
+    outs = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    base = {k: v for k, v in batch.items() if k != "smoothing_samples"}
+    n = W300_68.num_points
+    cov = torch.eye(2).expand(2, n, 2, 2) * 4.0
+    obj = RwsaObjective(smoothing=LabelSmoothing(gamma=1.0, samples=5))
+    a = obj(outs, {**base, "cov": cov}, torch.Generator().manual_seed(7))[0]
+    b = obj(outs, {**base, "cov": cov}, torch.Generator().manual_seed(7))[0]
+    c = obj(outs, {**base, "cov": cov}, torch.Generator().manual_seed(8))[0]
+    assert a.item() == b.item() and a.item() != c.item()
+    none = RwsaObjective()(outs, base)[0]
+    zero = obj(outs, {**base, "cov": torch.zeros(2, n, 2, 2)}, torch.Generator().manual_seed(7))[0]
+    assert zero.item() == pytest.approx(none.item(), rel=1e-5)
 
 
 # ---- 20 Adam steps on one fixed synthetic batch lower each objective ----------------------------------
@@ -169,7 +194,10 @@ def _synthetic_batch(b: int = 2, size: int = 64):
 def test_adam_steps_lower_objective(name, activation):
     torch.manual_seed(0)
     model = stacked_hourglass(W300_68, num_stacks=1, channels=32, input_size=64, heatmap_activation=activation)
-    objective = build_objective(name)
+    from flare.platform.builders import objective_from_config
+    from flare.platform.config import ObjectiveConfig
+
+    objective = objective_from_config(ObjectiveConfig(name=name))
     x, batch = _synthetic_batch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []

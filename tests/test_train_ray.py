@@ -14,9 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flare.datasets.readers import parse_pts
+from flare.platform.checkpoints import latest_checkpoint
 from flare.platform.config import load_job
 from flare.platform.predictor import Predictor
-from flare.platform.ray_train import latest_checkpoint, train
+from flare.platform.ray_train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FLARE = str(Path(sys.executable).parent / "flare")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flare.platform.config import ConfigError, load_job
+from flare.platform.plots import plot_trials, trial_table
 from flare.platform.registry import decide_champion
 from flare.platform.search_space import SchedulerSpec, load_search, validate_search
 from flare.platform.tune import (
@@ -30,8 +31,6 @@ from flare.platform.tune import (
     TrialSummary,
     choose_concurrency,
     max_concurrent_trials,
-    plot_trials,
-    trial_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
