@@ -4,6 +4,7 @@ failures (bad spec, bad data, missing model) end in one line on stderr and exit 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from typing import Annotated
 import typer
 
 import flare
-from flare.platform import cli_cluster, cli_tune
+from flare.platform import cli_cluster, cli_specs, cli_tune
 from flare.platform.cli_errors import one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and tune facial-landmark detectors.")
@@ -21,6 +22,19 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(no_args_is_help=True, help="Runs trained without Ray: log them into MLflow.")
 app.add_typer(runs_app, name="runs")
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="show Ray's worker/controller/data logs and library "
+                                          "warnings")] = False,
+) -> None:
+    """Train and tune facial-landmark detectors."""
+    from flare.platform.ray_connect import VERBOSE_ENV, quiet_warnings
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_warnings()
 
 
 @app.command()
@@ -41,7 +55,10 @@ def data_prepare(
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     on_error: Annotated[str, typer.Option("--on-error", help="fail|skip")] = "fail",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset whole")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset whole (only a "
+                         "folder flare wrote, or an empty one)")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="refuse images with more pixels "
+                          "(checked from the header, before decoding)")] = 50_000_000,
     count: Annotated[int, typer.Option("--count", help="synthetic faces to generate")] = 600,
     smoothing_k: Annotated[int, typer.Option("--smoothing-k", min=1, help="label-smoothing patch half-size "
                                              "k (method.md 6; RwSA default 7)")] = 7,
@@ -59,8 +76,9 @@ def data_prepare(
         from flare.platform.ray_connect import ensure_ray
 
         ensure_ray(address)
-    manifest = prepare(fmt, root or Path("."), out, PrepareOptions(val_fraction=val_fraction, seed=seed,
-                       on_error=on_error, smoothing_k=smoothing_k), engine="local" if no_ray else "ray", overwrite=overwrite,
+    options = PrepareOptions(val_fraction=val_fraction, seed=seed, on_error=on_error, smoothing_k=smoothing_k,
+                             max_pixels=max_pixels)
+    manifest = prepare(fmt, root or Path("."), out, options, engine="local" if no_ray else "ray", overwrite=overwrite,
                        synthetic_count=count, log=typer.echo)
     typer.echo(json.dumps(manifest["counts"], sort_keys=True))
     if manifest["skipped"]:
@@ -89,7 +107,7 @@ def data_inspect(
 @app.command()
 @one_line_errors
 def train(
-    job_file: Annotated[Path, typer.Argument(help="job spec YAML (jobs/*.yaml)")],
+    job_file: Annotated[Path, typer.Argument(help="job spec YAML, or a shipped spec's name (flare specs ls)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a.b=value (repeatable)")] = None,
     address: Annotated[str | None, typer.Option("--address", help="auto | ray://HOST:10001")] = None,
     resume: Annotated[str | None, typer.Option(
@@ -100,27 +118,36 @@ def train(
     storage: Annotated[Path | None, typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
 ) -> None:
     """Train a job spec on Ray Train (or in one process with --no-ray)."""
+    from flare.datasets.ingest import load_manifest
     from flare.platform.config import load_job
+    from flare.platform.progress import EpochPrinter
+    from flare.platform.specs import resolve_spec
 
-    job = load_job(job_file, set_ or [])
+    job = load_job(resolve_spec(job_file), set_ or [])
     if no_ray:
         from flare.platform.ray_train import check_job
         from flare.platform.train_loop import train_local
 
         if resume not in (None, "last"):
             raise ValueError(f"--resume {resume}: with --no-ray, use --resume last (the run dir's last checkpoint)")
-        check_job(job)
+        manifest = check_job(job)
         out = run_dir or Path("runs") / f"{job.name}-local"
-        session = train_local(job, out, device=device, resume=resume is not None)
-        last = session.reports[-1] if session.reports else {}
-        typer.echo(f"done: {len(session.reports)} epochs, last val_nme={last.get('val_nme')}, metrics in "
-                   f"{out / 'metrics.jsonl'}")
+        norm = manifest.layout.default_normaliser.replace("_", "-")
+        session = train_local(job, out, device=device, resume=resume is not None,
+                              on_report=EpochPrinter(job.optimizer.epochs, norm, typer.echo))
+        best = min(session.reports, key=lambda m: m["val_nme"], default=None)
+        typer.echo(f"done: {len(session.reports)} epochs"
+                   + (f", best val NME ({norm}) {100 * best['val_nme']:.2f}% at epoch {best['epoch'] + 1}"
+                      if best else "") + f"; metrics in {out / 'metrics.jsonl'}")
         return
     from flare.platform.ray_train import train as ray_train
 
     outcome = ray_train(job, address=address, storage=storage, resume=resume, log=typer.echo)
-    typer.echo(json.dumps({"run_id": outcome.run_id, "best": outcome.best_metrics,
-                           "registered_version": outcome.registered_version}, sort_keys=True))
+    norm = load_manifest(job.data.manifest).layout.default_normaliser.replace("_", "-")
+    typer.echo(f"done: run {outcome.run_id}, best val NME ({norm}) {100 * outcome.best_metrics['val_nme']:.2f}% "
+               f"at epoch {outcome.best_metrics['epoch'] + 1}"
+               + (f", registered {job.mlflow.registered_model} v{outcome.registered_version}"
+                  if outcome.registered_version else ""))
 
 
 @runs_app.command("import")
@@ -269,15 +296,16 @@ def demo(
     images: Annotated[list[Path] | None, typer.Option("--images", help="your photos to predict on")] = None,
 ) -> None:
     """The whole platform on synthetic faces: prepare, train on local Ray, register, evaluate, predict."""
-    from flare.platform.demo import run_demo
+    from flare.platform.demo import run_demo, summary_table
 
     summary = run_demo(out, quick=quick, images=images, log=typer.echo)
-    typer.echo("\nsummary:")
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo("")
+    typer.echo(summary_table(summary))
 
 
 app.add_typer(cli_cluster.cluster_app, name="cluster")
 app.add_typer(cli_cluster.jobs_app, name="jobs")
+app.add_typer(cli_specs.specs_app, name="specs")
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(cli_cluster.submit)
 app.command()(cli_tune.tune)
 

@@ -97,9 +97,33 @@ def run_demo(out: Path, quick: bool = False, images: list[Path] | None = None,
         "photo_failures": [f"{p}: {r}" for p, r in failures],
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1",
         "seconds": round(time.perf_counter() - t0, 1),
+        "summary_file": str(out / "summary.json"),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The demo's end, read in ten seconds: steps, val NME per epoch and per trial, champion, where to look."""
+    pct = lambda v: f"{100 * v:.2f}%"
+    search = summary["search"]
+    lines = [f"flare demo: done in {summary['seconds']:.0f} s on {summary['data']}",
+             "  STAR on Ray, val NME (inter-ocular) per epoch: "
+             + " -> ".join(pct(v) for v in summary["val_nme_per_epoch"]),
+             f"  {summary['champion_decision']}",
+             "  ASHA search:"]
+    for t in search["trials"]:
+        stop = "stopped early" if t["stopped_early"] else "ran to the end"
+        best = " (best)" if t["trial"] == search["best_trial"] else ""
+        lines.append(f"    {t['trial']:<12} {t['objective']!s:<8} {t['epochs']} epochs, val NME "
+                     f"{pct(t['best_val_nme'])}, {stop}{best}")
+    lines += [f"  {search['champion_decision']}",
+              f"  champion {summary['model']}: test NME (inter-ocular) {pct(summary['test_nme'])} (synthetic faces)",
+              f"  overlays:  {summary['overlays']}",
+              f"  MLflow UI: {summary['mlflow_ui']}",
+              f"  details:   {summary['summary_file']}"]
+    lines += [f"  photo failed: {f}" for f in summary["photo_failures"]]
+    return "\n".join(lines)
 
 
 def demo_search(out: Path, quick: bool) -> Path:

@@ -1,14 +1,32 @@
 """Connecting to Ray: an embedded local Ray by default, or a cluster by address.
 
 Local Ray binds its dashboard to 127.0.0.1 and keeps token authentication as Ray configures it
-(never disabled here). Ray's own log noise is kept down.
+(never disabled here). Ray's worker, controller and data logs stay in Ray's log dir (its path is printed
+once) unless ``flare --verbose`` asks for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+
+VERBOSE_ENV = "FLARE_VERBOSE"
+
+
+def verbose() -> bool:
+    """``flare --verbose`` (or ``FLARE_VERBOSE=1``): Ray's worker, controller and data logs on the terminal."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_warnings() -> None:
+    """Deprecation and internal warnings of Ray, MLflow and torch stay off the terminal in normal use."""
+    import warnings
+
+    if not verbose():
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -20,7 +38,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
-    kwargs = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
+    loud = verbose()
+    kwargs = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING,
+              "configure_logging": True}
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
@@ -28,6 +48,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  **kwargs)
     else:
         ray.init(address=address, **kwargs)
+    if not loud:
+        for name in ("ray.data", "ray.train", "ray.tune"):  # driver-side INFO chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with contextlib.suppress(Exception):  # private API: the path is a courtesy, never a failure
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+            print(f"Ray logs (workers, controller, data): {logs}  (flare --verbose shows them here)",
+                  file=sys.stderr, flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()  # bars for a terminal; none in log files and job logs
     ctx.print_on_execution_start = False

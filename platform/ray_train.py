@@ -8,9 +8,11 @@ validation-selected model.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from flare.datasets.ingest import Manifest, load_manifest, ray_dataset
 from flare.platform.builders import build_model
 from flare.platform.checkpoints import checkpoint_info, latest_checkpoint, load_checkpoint, selected_weights
 from flare.platform.config import ConfigError, JobConfig
+from flare.platform.progress import EpochPrinter
 from flare.platform.train_loop import VAL_METRIC, train_worker
 
 
@@ -88,6 +91,56 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ckpt)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+class EpochRelay:
+    """A Train ``UserCallback`` (on the controller): puts rank 0's report of every epoch on ``queue``."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put(("report", dict(metrics[0])))
+
+
+def relay_callback(queue: Any) -> Any:
+    """:class:`EpochRelay` as a ``ray.train.UserCallback`` (imported here: the module loads without Ray)."""
+    from ray.train import UserCallback
+
+    cls = type("EpochRelayCallback", (EpochRelay, UserCallback), {})
+    return cls(queue)
+
+
+@contextmanager
+def epoch_lines(on_epoch: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
+    """Yield a Train callback whose epoch reports reach ``on_epoch`` on the driver while the run goes on
+    (Ray's worker logs stay in the Ray log dir)."""
+    from ray.util.queue import Empty, Queue
+
+    queue, done = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                kind, metrics = queue.get(block=True, timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone: nothing more to print
+                return
+            if kind == "report":
+                on_epoch(metrics)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield relay_callback(queue)
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            queue.shutdown()
 
 
 def _ray_entry(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -229,7 +282,10 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
         run_id, name = open_run(job, tracking_uri)
     ensure_ray(address)
     check_resources(job)
-    result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env).fit()
+    norm = manifest.layout.default_normaliser.replace("_", "-")
+    with epoch_lines(EpochPrinter(job.optimizer.epochs, norm, log)) as relay:
+        result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env,
+                              callbacks=[relay]).fit()
     if result.error is not None:
         raise result.error
     best = best_checkpoint(result)

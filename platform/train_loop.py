@@ -13,7 +13,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +208,7 @@ class LocalSession:
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
         atomic_write_bytes(self.run_dir / "host.json", (json.dumps(host, indent=1) + "\n").encode())
         self.reports: list[dict[str, Any]] = []
+        self.on_report: Callable[[dict[str, Any]], None] | None = None  # e.g. the CLI's per-epoch line
 
     def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
         return iter_local_rows(self.manifest, self.job.data.train_split, batch_size,
@@ -235,9 +236,12 @@ class LocalSession:
 
                 shutil.rmtree(dest)
             os.replace(checkpoint_dir, dest)
+        if self.on_report is not None:
+            self.on_report(metrics)
 
 
-def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False) -> LocalSession:
+def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False,
+                on_report: Callable[[dict[str, Any]], None] | None = None) -> LocalSession:
     """Run :func:`train_worker` in this process (``flare train --no-ray``). A ``run_dir`` that already holds
     epochs is continued only with ``resume``; otherwise it is refused, so a re-run never mixes two runs."""
     metrics = Path(run_dir) / "metrics.jsonl"
@@ -245,5 +249,6 @@ def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume
         raise FileExistsError(f"{run_dir}: already holds a run ({metrics.name}); pass --resume last to continue "
                               "it or choose another --run-dir")
     session = LocalSession(job, run_dir, device, resume)
+    session.on_report = on_report
     train_worker(job.model_dump(mode="json"), session)
     return session

@@ -26,7 +26,6 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback  # internal; Ray is pinned
 from ray.util.queue import Empty, Queue
 
@@ -94,16 +93,6 @@ class _Announce(ControllerCallback):
         self.queue.put(("controller", ray.get_runtime_context().current_actor))
 
 
-class _Relay(UserCallback):
-    """On the Train controller: relay rank 0's report of every epoch to the trial."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put(("report", dict(metrics[0])))
-
-
 @ray.remote(num_cpus=0)
 class StopBoard:
     """The driver raises this flag when the search is interrupted (Ctrl-C): running trials then abort
@@ -134,7 +123,7 @@ class FlareTrial(tune.Trainable):
     """One trial = one Ray Train run of the trial's job spec; ``step`` returns its next epoch."""
 
     def setup(self, config: dict[str, Any], state: dict[str, Any]) -> None:
-        from flare.platform.ray_train import check_job, make_trainer
+        from flare.platform.ray_train import check_job, make_trainer, relay_callback
 
         self.state = SearchState(**state)
         self.values = {k: plain(config[k]) for k in self.state.spec.params if k in config}
@@ -153,7 +142,7 @@ class FlareTrial(tune.Trainable):
         # interleaved are noise next to the driver's trial lines
         ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = make_trainer(self.job, manifest, self.trial_id, self.state.path / "train", self.state.tracking_uri,
-                               self.run_id, callbacks=[_Relay(self.queue), _Announce(self.queue)])
+                               self.run_id, callbacks=[relay_callback(self.queue), _Announce(self.queue)])
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
         if not self._interrupted():
             self.thread.start()

@@ -1,4 +1,4 @@
-"""``flare demo --quick``: the main job end to end on a fresh directory (issue 6), as CI runs it."""
+"""``flare demo --quick``: the main job end to end on a fresh directory, as CI runs it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def test_demo_quick(tmp_path: Path) -> None:
     r = subprocess.run([FLARE, "demo", "--quick"], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a person reads it: at most 60 lines in all, no Ray worker logs, ending with the summary table
+    printed = (r.stdout + r.stderr).splitlines()
+    assert len(printed) <= 60, "\n".join(printed)
+    assert not [ln for ln in printed if "pid=" in ln or "Warning" in ln], "\n".join(printed)
+    tail = r.stdout.rstrip().splitlines()
+    assert tail[-1].startswith("  details:") and any(ln.startswith("flare demo: done in") for ln in tail[-15:])
     summary = json.loads((tmp_path / "out" / "demo" / "summary.json").read_text())
     assert summary["data"].startswith("SYNTHETIC")
     assert len(summary["val_nme_per_epoch"]) == 2
