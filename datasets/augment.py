@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from flare.models.decode import apply_affine
 from flare.models.layouts import Layout
 
 
@@ -44,12 +45,6 @@ def geometry_matrix(theta: float, scale: float, shift: tuple[float, float], size
     m[:2, :2] = a
     m[:2, 2] = np.array([c0, c0]) - a @ np.array([c0, c0]) + np.asarray(shift, dtype=np.float64)
     return m
-
-
-def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a (3, 3) affine matrix to (..., 2) points; float64."""
-    pts = np.asarray(points, dtype=np.float64)
-    return pts @ matrix[:2, :2].T + matrix[:2, 2]
 
 
 def heatmap_matrix(n_px: int, n_hm: int) -> np.ndarray:
@@ -284,7 +279,7 @@ def augment_sample(
     lm_perm = layout.flip_permutation() if geometry.flipped else np.arange(layout.num_points)
     out: dict[str, np.ndarray | Geometry] = {
         "image": warped,
-        "landmarks": transform_points(matrix, landmarks)[lm_perm],
+        "landmarks": apply_affine(landmarks, matrix)[lm_perm],
         "matrix": matrix,
         "geometry": geometry,
     }

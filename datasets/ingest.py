@@ -20,6 +20,7 @@ import torch
 from flare.datasets.augment import AugmentConfig, augment_sample, to_tensor_image
 from flare.datasets.shards import CANONICAL, SCHEMA_VERSION
 from flare.datasets.targets import point_heatmaps
+from flare.models.decode import apply_affine, crop_to_label
 from flare.models.layouts import Layout, get_layout
 
 
@@ -162,13 +163,13 @@ class BatchBuilder:
             m = sample["matrix"]  # loose crop -> training crop
             out["image"].append(to_tensor_image(sample["image"]))
             out["landmarks_crop"].append(pts)
-            out["landmarks"].append(np.clip((2 * pts + 1) / self.size - 1, -1, 1))
+            out["landmarks"].append(np.clip(crop_to_label(pts, self.size), -1, 1))
             out["point_targets"].append(point_heatmaps(pts, size=self.size, out=h))
             out["edge_targets"].append(sample["edges"])
             out["cov"].append(sample["cov"] * to_hm**2)
             to_orig = arr["matrix"] @ np.linalg.inv(m)
             out["to_original"].append(to_orig)
-            out["landmarks_original"].append(arr["landmarks"] @ arr["matrix"][:2, :2].T + arr["matrix"][:2, 2])
+            out["landmarks_original"].append(apply_affine(arr["landmarks"], arr["matrix"]))
         return {k: torch.as_tensor(np.stack(v), dtype=torch.float64 if k in ("to_original",) else torch.float32)
                 for k, v in out.items()}
 
