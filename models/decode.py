@@ -142,24 +142,9 @@ def invert_affine(matrix: ArrayLike) -> ArrayLike:
     return inv[..., :2, :] if is_2x3 else inv
 
 
-def original_to_crop(points_original: ArrayLike, matrix: ArrayLike) -> ArrayLike:
-    """Original-image px -> crop px: p = M·[P, 1]ᵀ (1.1)."""
-    return apply_affine(points_original, matrix)
-
-
 def crop_to_original(points_crop: ArrayLike, matrix: ArrayLike) -> ArrayLike:
     """Crop px -> original-image px: P = M⁻¹·[p, 1]ᵀ with the full 3x3 inverse of the sample's M (1.4)."""
     return apply_affine(points_crop, invert_affine(matrix))
-
-
-def label_to_original(u: ArrayLike, matrix: ArrayLike, size: int) -> ArrayLike:
-    """Normalised label (..., N, 2) -> original-image px through crop px (1.4)."""
-    return crop_to_original(label_to_crop(u, size), matrix)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Decoders (4.1-4.2, 5.9)
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _as_float(heatmaps: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit: token auth on (and no notice that it is)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     loud = verbose()
     kwargs = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING,
@@ -49,8 +50,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(address=address, **kwargs)
     if not loud:
-        for name in ("ray.data", "ray.train", "ray.tune"):  # driver-side INFO chatter
+        for name in ("ray.data", "ray.train", "ray.tune", "mlflow"):  # driver-side INFO chatter
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
         with contextlib.suppress(Exception):  # private API: the path is a courtesy, never a failure
             logs = ray._private.worker._global_node.get_logs_dir_path()
             print(f"Ray logs (workers, controller, data): {logs}  (flare --verbose shows them here)",
