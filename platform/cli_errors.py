@@ -3,11 +3,14 @@ and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 import typer
+
+from flare.errors import FlareError
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -17,7 +20,19 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from flare.platform.config import ConfigError
 
     return (ConfigError, DataError, ManifestError, PrepareError, FileExistsError, FileNotFoundError, KeyError,
-            ValueError)
+            ValueError, PermissionError, FlareError)
+
+
+# OS errors a user causes and can fix: no permission, a read-only file system, a full disk or quota
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -31,8 +46,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except _expected_errors() as err:
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            typer.echo(f"error: {msg}", err=True)
+            typer.echo(f"error: {_one_line(err)}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in USER_ERRNOS:
+                raise
+            typer.echo(f"error: {_one_line(err)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

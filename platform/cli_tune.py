@@ -13,8 +13,9 @@ from flare.platform.cli_errors import one_line_errors
 
 @one_line_errors
 def tune(
-    job_file: Annotated[Path | None, typer.Argument(help="job spec YAML (not needed with --resume)")] = None,
-    search: Annotated[Path | None, typer.Option("--search", help="search file (jobs/search/*.yaml)")] = None,
+    job_file: Annotated[Path | None, typer.Argument(help="job spec YAML or a shipped spec's name (not needed "
+                                                           "with --resume)")] = None,
+    search: Annotated[Path | None, typer.Option("--search", help="search file, or a shipped one's name (star)")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help="trials (x grid size); default: the file's")]
     = None,
     max_concurrent: Annotated[str, typer.Option("--max-concurrent", help="auto (what the free CPUs/GPUs fit) "
@@ -34,10 +35,17 @@ def tune(
     if resume is None:
         if job_file is None or search is None:
             raise ValueError("give JOB.yaml and --search FILE (or --resume NAME)")
-        state = plan_search(job_file, search, set_ or [], samples=samples, name=name, storage=storage)
+        from flare.platform.specs import resolve_spec
+
+        state = plan_search(resolve_spec(job_file), resolve_spec(search, search=True), set_ or [], samples=samples,
+                            name=name, storage=storage)
         outcome = run_search(state, max_concurrent=max_concurrent, address=address, log=typer.echo)
     else:
         if job_file is not None or search is not None or set_:
             typer.echo(f"--resume {resume}: continuing with the saved job and search; JOB/--search/--set ignored")
         outcome = run_search(resume=resume, storage=storage, address=address, log=typer.echo)
     typer.echo(f"search {outcome.name}: plot {outcome.plot}; parent run {outcome.parent_run_id}")
+    if outcome.failed:
+        typer.echo(f"error: {len(outcome.failed)} of {len(outcome.trials)} trial(s) failed "
+                   f"({', '.join(outcome.failed)}); the others finished and were compared", err=True)
+        raise typer.Exit(1)

@@ -125,14 +125,14 @@ def format_values(values: dict[str, Any]) -> str:
 def trial_table(trials: Sequence[Any], max_epochs: int) -> str:
     """A plain-text table: trial, sampled values, epochs run, best val NME, stopped early (at which rung)."""
     keys = sorted({k for t in trials for k in t.values})
-    head = ["trial", *keys, "epochs", "best val NME", "stopped early"]
+    head = ["trial", *keys, "epochs", "best val NME (%)", "stopped early"]
     rows = []
     for t in trials:
         if t.status == "ERROR":
             stop = f"error: {t.error}"[:60]
         else:
             stop = f"yes (rung {t.epochs})" if t.stopped_early(max_epochs) else "no"
-        best = f"{t.best_val_nme:.5f}" if t.history else "-"
+        best = f"{100 * t.best_val_nme:.3f}" if t.history else "-"
         rows.append([t.trial_id, *[_fmt(t.values.get(k, "")) for k in keys], str(t.epochs), best, stop])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()

@@ -34,6 +34,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from flare.errors import FlareError
 from flare.files import atomic_write_bytes
 from flare.platform.checkpoints import best_checkpoint_dir
 from flare.platform.config import ConfigError, JobConfig, load_job
@@ -44,7 +45,12 @@ from flare.platform.tune_trial import METRIC, TIME_ATTR, FlareTrial, SearchState
 
 DATA_TASK_CPUS = 1.0  # a Ray Data read task asks for one whole CPU; with less free, ingest never starts
 TRIAL_ACTOR_RESOURCES = {"CPU": 0.0, "memory": 64 * 2**20}  # Tune needs a non-empty bundle; no CPU slot
+TEST_HOOK_PREFIX = "FLARE_TEST_"  # test-only hooks, forwarded to the trials' training workers
 INTERRUPT_HOOK = "FLARE_TEST_INTERRUPT_AFTER_RESULTS"  # test-only: SIGINT the driver after N epoch results
+
+
+class SearchFailed(FlareError):
+    """No trial of the search reported a validation epoch; ``str()`` is one line with the trials' errors."""
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -99,7 +105,8 @@ def plan_search(job_file: Path, search_file: Path, overrides: list[str] | None =
     uri = tracking_uri or job.mlflow.tracking_uri or ""  # "" = the default store, resolved when the search runs
     return SearchState(name=name, job=raw, search=search.model_dump(mode="json", exclude_none=True),
                        source=str(search_file), samples=samples or search.samples, tracking_uri=uri,
-                       storage=str(storage))
+                       storage=str(storage),
+                       worker_env={k: v for k, v in os.environ.items() if k.startswith(TEST_HOOK_PREFIX)})
 
 
 def max_concurrent_trials(job: JobConfig, free: dict[str, float]) -> int:
@@ -167,7 +174,8 @@ class _Monitor(tune.Callback):
         if METRIC not in result:
             return
         if self.verbose:
-            print(f"trial {trial.trial_id}: epoch {result.get(TIME_ATTR)} val_nme {result[METRIC]:.5f}", flush=True)
+            print(f"trial {trial.trial_id}: epoch {result.get(TIME_ATTR)}  val NME {100 * result[METRIC]:.2f}%",
+                  flush=True)
         self.results += 1
         at = os.environ.get(INTERRUPT_HOOK)
         if at is not None and self.results == int(at):
@@ -239,6 +247,7 @@ class SearchOutcome:
     promoted: bool
     decision: str
     plot: Path | None
+    failed: list[str] = field(default_factory=list)  # trial ids that ended in an error
 
 
 def summarize(path: Path) -> list[TrialSummary]:
@@ -277,6 +286,7 @@ def run_search(state: SearchState | None = None, *, resume: str | None = None, s
 
     from flare.platform import tracking
     from flare.platform.ray_connect import ensure_ray
+    from flare.platform.ray_connect import verbose as ray_verbose
 
     if resume:
         state = SearchState.load(storage or Path.cwd() / "runs", resume)
@@ -298,6 +308,8 @@ def run_search(state: SearchState | None = None, *, resume: str | None = None, s
         f"MLflow parent run {state.parent_run_id}")
     board = StopBoard.options(name=board_name(state.name), get_if_exists=True).remote()
     ray.get(board.reset.remote())
+    if not ray_verbose():
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's experiment banner and tables stay off
     in_main = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT)
     try:
@@ -346,6 +358,9 @@ def finish_search(state: SearchState, trials: list[TrialSummary], client: Any, l
         t.run_id = runs.get(t.trial_id)
         if t.run_id:
             stopped = t.stopped_early(max_epochs)
+            if t.status == "ERROR":
+                client.set_tag(t.run_id, "flare.tune.error", (t.error or "error")[:500])
+                client.set_terminated(t.run_id, status="FAILED")
             client.set_tag(t.run_id, "flare.tune.status", t.status)
             client.set_tag(t.run_id, "flare.tune.epochs", str(t.epochs))
             client.set_tag(t.run_id, "flare.tune.stopped_early", str(stopped).lower())
@@ -358,20 +373,25 @@ def finish_search(state: SearchState, trials: list[TrialSummary], client: Any, l
     plot = plot_trials(trials, rungs, max_epochs, state.path / "val_nme.png", state.name)
     for f in ("trials.txt", "trials.json", "val_nme.png"):
         client.log_artifact(state.parent_run_id, str(state.path / f))
+    failed = [t.trial_id for t in trials if t.status == "ERROR"]
+    client.set_tag(state.parent_run_id, "flare.tune.failed_trials", ",".join(failed) or "none")
+    for t in trials:
+        if t.status == "ERROR":
+            log(f"trial {t.trial_id} failed: {t.error}")
     done = [t for t in trials if t.history and t.run_id]
     if not done:
         client.set_terminated(state.parent_run_id, status="FAILED")
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error)
-        raise RuntimeError(f"search {state.name}: no trial reported a validation epoch ({errors or 'no trials'})")
+        raise SearchFailed(f"search {state.name}: no trial reported a validation epoch ({errors or 'no trials'})")
     best = min(done, key=lambda t: t.best_val_nme)
     client.log_metric(state.parent_run_id, "best_val_nme", best.best_val_nme)
     client.set_tag(state.parent_run_id, "flare.tune.best_trial", best.trial_id)
-    log(f"best trial {best.trial_id}: val NME {best.best_val_nme:.5f} ({format_values(best.values)})")
+    log(f"best trial {best.trial_id}: val NME {100 * best.best_val_nme:.2f}% ({format_values(best.values)})")
     version, promoted, decision = register_best(state, best, log)
     client.set_tag(state.parent_run_id, "flare.tune.champion_decision", decision)
     client.set_terminated(state.parent_run_id, status="FINISHED")
     return SearchOutcome(state.name, state.path, state.parent_run_id, trials, best, version, promoted, decision,
-                         plot)
+                         plot, failed)
 
 
 def register_best(state: SearchState, best: TrialSummary, log=print) -> tuple[str | None, bool, str]:

@@ -20,7 +20,7 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class SearchState:
     storage: str
     parent_run_id: str | None = None
     max_concurrent: int = 1
+    worker_env: dict[str, str] = field(default_factory=dict)  # test hooks (FLARE_TEST_*) for the workers
 
     @property
     def path(self) -> Path:
@@ -142,7 +143,8 @@ class FlareTrial(tune.Trainable):
         # interleaved are noise next to the driver's trial lines
         ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = make_trainer(self.job, manifest, self.trial_id, self.state.path / "train", self.state.tracking_uri,
-                               self.run_id, callbacks=[relay_callback(self.queue), _Announce(self.queue)])
+                               self.run_id, worker_env=self.state.worker_env,
+                               callbacks=[relay_callback(self.queue), _Announce(self.queue)])
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
         if not self._interrupted():
             self.thread.start()

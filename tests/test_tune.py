@@ -188,7 +188,35 @@ def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env
     assert set(versions) == {"1", "2"}
     assert float(versions["2"].tags["val_nme"]) > champion_nme  # the new best is worse ...
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"  # ... so champion stays
-    assert f"{champion_nme:.6f}" in res.output and "champion stays v1" in res.output
+    assert f"{100 * champion_nme:.3f}%" in res.output and "champion stays v1" in res.output
+
+
+def test_a_failing_trial_does_not_kill_the_search(first_search: dict, env: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One trial's worker raises and may not restart: the other trial still runs and is compared, the table,
+    the log and the parent run name the failed trial, its child run ends FAILED, and the exit code is 1."""
+    assert first_search["res"].exit_code == 0
+    monkeypatch.setenv("FLARE_TEST_FAULT_EPOCH", "0")  # the first trial to train fails once (marker file)
+    monkeypatch.setenv("FLARE_TEST_FAULT_MARKER", str(tmp_path / "fault"))
+    search = write_search(env["root"] / "c.yaml", 1, [1e-3, 2e-3])
+    with deadline(GUARD_S):
+        res = cli(*env["args"], "--set", "checkpoint.max_failures=0", "--search", str(search), "--name", "c",
+                  "--max-concurrent", "1")
+    assert res.exit_code == 1, res.output[-3000:]
+    ts = trials(env["storage"] / "c")
+    assert sorted(t["status"] for t in ts.values()) == ["ERROR", "TERMINATED"], ts
+    failed = next(tid for tid, t in ts.items() if t["status"] == "ERROR")
+    ok = next(tid for tid, t in ts.items() if t["status"] == "TERMINATED")
+    assert ts[ok]["rows"] and (tmp_path / "fault").is_file()
+    assert f"trial {failed} failed" in res.output and "1 of 2 trial(s) failed" in res.output
+    assert f"best trial {ok}" in res.output
+    client = MlflowClient(env["uri"])
+    exp = client.get_experiment_by_name("tune-tests")
+    runs = client.search_runs([exp.experiment_id], "tags.`flare.tune.search` = 'c'")
+    parent = next(r for r in runs if r.data.tags.get("flare.kind") == "tune")
+    assert parent.data.tags["flare.tune.failed_trials"] == failed
+    child = next(r for r in runs if r.data.tags.get("flare.tune.trial_id") == failed)
+    assert child.info.status == "FAILED" and child.data.tags["flare.tune.error"]
 
 
 @pytest.mark.parametrize(
@@ -266,9 +294,9 @@ def test_report_table_and_plot(tmp_path: Path) -> None:
           TrialSummary("t1", {"optimizer.lr": 1e-7}, "TERMINATED", [(1, 0.8)]),
           TrialSummary("t2", {"optimizer.lr": 0.5}, "ERROR", [], error="RuntimeError: nan loss")]
     rows = trial_table(ts, max_epochs=4).splitlines()
-    assert rows[0].split() == ["trial", "optimizer.lr", "epochs", "best", "val", "NME", "stopped", "early"]
-    assert rows[2].split() == ["t0", "0.003", "4", "0.55000", "no"]
-    assert rows[3].split() == ["t1", "1e-07", "1", "0.80000", "yes", "(rung", "1)"]
+    assert rows[0].split() == ["trial", "optimizer.lr", "epochs", "best", "val", "NME", "(%)", "stopped", "early"]
+    assert rows[2].split() == ["t0", "0.003", "4", "55.000", "no"]
+    assert rows[3].split() == ["t1", "1e-07", "1", "80.000", "yes", "(rung", "1)"]
     assert rows[4].split()[:4] == ["t2", "0.5", "0", "-"] and "error: RuntimeError: nan loss" in rows[4]
     png = plot_trials(ts, [1, 2], 4, tmp_path / "p.png", "search")
     assert cv2.imread(str(png)).shape[2] == 3
