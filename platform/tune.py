@@ -41,6 +41,7 @@ from flare.platform.config import ConfigError, JobConfig, load_job
 from flare.platform.plots import format_values, plot_trials, trial_table
 from flare.platform.registry import champion_if_better
 from flare.platform.search_space import SearchSpec, load_search, plain, validate_search
+from flare.platform.trust import check_trusted_tree
 from flare.platform.tune_trial import METRIC, TIME_ATTR, FlareTrial, SearchState, StopBoard, board_name
 
 DATA_TASK_CPUS = 1.0  # a Ray Data read task asks for one whole CPU; with less free, ingest never starts
@@ -290,6 +291,7 @@ def run_search(state: SearchState | None = None, *, resume: str | None = None, s
 
     if resume:
         state = SearchState.load(storage or Path.cwd() / "runs", resume)
+        check_trusted_tree(state.path)  # Tuner.restore unpickles what lies there
     assert state is not None
     state.tracking_uri = state.tracking_uri or tracking.default_tracking_uri()
     base = state.base_job

@@ -328,3 +328,17 @@ def test_shipped_search_files_fit_their_jobs(search: str, job: str) -> None:
         assert spec.params["objective.smoothing.gamma"].arg == (0.001, 0.1)
         assert spec.params["objective.smoothing.samples"].arg == [1, 5, 10]
         assert sorted(j.objective.smoothing.k for j in jobs if j.data.manifest != raw["data"]["manifest"]) == [5, 9]
+
+
+def test_resume_refuses_a_search_folder_others_can_write(tmp_path: Path) -> None:
+    """``--resume`` unpickles Ray's search state: a folder someone else could have written is refused first."""
+    from flare.platform.tune import run_search
+    from flare.platform.tune_trial import SearchState
+
+    state = SearchState(name="s", job={}, search={}, source="s.yaml", samples=1, tracking_uri="",
+                        storage=str(tmp_path))
+    state.save()
+    (state.path / "tuner.pkl").write_bytes(b"not read")
+    (state.path / "tuner.pkl").chmod(0o666)
+    with pytest.raises(ValueError, match=r"tuner.pkl: writable by group and others"):
+        run_search(resume="s", storage=tmp_path)
