@@ -16,6 +16,7 @@ import torch
 
 from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
 from flare.files import atomic_write_bytes
+from flare.models.decode import check_decoder
 from flare.models.metrics import ced_curve, evaluate
 from flare.platform.predictor import Predictor
 
@@ -47,6 +48,8 @@ def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: P
     """Metrics overall and per subset (FR/AUC at ``threshold``, default the layout's); with ``out``, also
     ``metrics.json``, ``nme.json``, ``ced.png`` and, with ``extremes``, ``extremes.png``: the best and
     worst ``extremes`` faces by NME with prediction (red) and ground truth (green)."""
+    if decoder is not None:
+        check_decoder(decoder)
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"--threshold must be in (0, 1] (a fraction of the normaliser), got {threshold}")
     res = predict_split(predictor, data, split, decoder=decoder)
