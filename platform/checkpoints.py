@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +75,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def best_checkpoint_dir(run_dir: Path) -> Path | None:
     """The checkpoint of a run directory with the smallest val NME (never the test set, method.md 9.6)."""
     return _scan(run_dir, lambda state: float(state["val_nme"]))
+
+
+def spec_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two job-spec dicts (added or removed keys included)."""
+    from flare.platform.config import flatten
+
+    a, b = flatten(saved), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_resume(checkpoint: Path, job: Any, allow: Sequence[str] = ()) -> None:
+    """Refuse to resume ``checkpoint`` with a spec that differs from the one it was trained with, except in
+    the keys (or key prefixes, ``optimizer``) named in ``allow``; ValueError lists the other changes."""
+    saved = json.loads((Path(checkpoint) / JOB_FILE).read_text())["job"]
+    changed = [k for k in spec_changes(saved, job.model_dump(mode="json"))
+               if not any(k == a or k.startswith(a + ".") for a in allow)]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ValueError(f"--resume: the spec differs from the checkpoint's ({checkpoint}) in {shown}; "
+                         "resume with the same spec, or name each key you mean to change with --allow-change KEY")

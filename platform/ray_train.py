@@ -12,7 +12,7 @@ import contextlib
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,13 @@ from torch import nn
 
 from flare.datasets.ingest import Manifest, load_manifest, ray_dataset
 from flare.platform.builders import build_model
-from flare.platform.checkpoints import checkpoint_info, latest_checkpoint, load_checkpoint, selected_weights
+from flare.platform.checkpoints import (
+    check_resume,
+    checkpoint_info,
+    latest_checkpoint,
+    load_checkpoint,
+    selected_weights,
+)
 from flare.platform.config import ConfigError, JobConfig
 from flare.platform.progress import EpochPrinter
 from flare.platform.train_loop import VAL_METRIC, train_worker
@@ -260,9 +266,11 @@ def local_copy(checkpoint: Any) -> Path:
 
 
 def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
-          log=print, worker_env: dict[str, str] | None = None) -> TrainOutcome:
+          log=print, worker_env: dict[str, str] | None = None, allow_changes: Sequence[str] = ()) -> TrainOutcome:
     """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
-    interrupted run: it continues from that run's latest checkpoint without redoing finished epochs."""
+    interrupted run: it continues from that run's latest checkpoint without redoing finished epochs, with
+    the same spec except the keys named in ``allow_changes``. Every check (spec, data, resources, resume)
+    passes before the MLflow run or the run folder is created."""
     import mlflow
 
     from flare.platform import tracking
@@ -270,23 +278,26 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
 
     manifest = check_job(job)
     tracking_uri = job.mlflow.tracking_uri or tracking.default_tracking_uri()
-    tracking.setup(tracking_uri, job.mlflow.experiment)
     storage = Path(storage or Path.cwd() / "runs").resolve()
+    ensure_ray(address)
+    check_resources(job)
+    tracking.setup(tracking_uri, job.mlflow.experiment)
     resume_from = None
     if resume:
         name = mlflow.get_run(resume).data.tags.get("flare.ray_run_name")
         if not name:
             raise ConfigError(f"--resume {resume}: not a flare training run")
         resume_from, run_id = latest_checkpoint(storage / name), resume
+        if resume_from is not None:
+            check_resume(resume_from, job, allow_changes)
     else:
         run_id, name = open_run(job, tracking_uri)
-    ensure_ray(address)
-    check_resources(job)
     norm = manifest.layout.default_normaliser.replace("_", "-")
     with epoch_lines(EpochPrinter(job.optimizer.epochs, norm, log)) as relay:
         result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env,
                               callbacks=[relay]).fit()
     if result.error is not None:
+        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
         raise result.error
     best = best_checkpoint(result)
     local = local_copy(best)
