@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import flare
-from flare.platform import cli_cluster, cli_specs, cli_tune
+from flare.platform import cli_cluster, cli_export, cli_specs, cli_tune
 from flare.platform.cli_errors import one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and tune facial-landmark detectors.")
@@ -116,6 +116,8 @@ def train(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="--no-ray output directory")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
     storage: Annotated[Path | None, typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
+    allow_change: Annotated[list[str] | None, typer.Option("--allow-change", help="with --resume: a spec key (or "
+                                                           "section) you mean to change (repeatable)")] = None,
 ) -> None:
     """Train a job spec on Ray Train (or in one process with --no-ray)."""
     from flare.datasets.ingest import load_manifest
@@ -125,6 +127,7 @@ def train(
 
     job = load_job(resolve_spec(job_file), set_ or [])
     if no_ray:
+        from flare.platform.checkpoints import check_resume, latest_checkpoint
         from flare.platform.ray_train import check_job
         from flare.platform.train_loop import train_local
 
@@ -132,6 +135,9 @@ def train(
             raise ValueError(f"--resume {resume}: with --no-ray, use --resume last (the run dir's last checkpoint)")
         manifest = check_job(job)
         out = run_dir or Path("runs") / f"{job.name}-local"
+        last = latest_checkpoint(out / "checkpoints") if resume else None
+        if last is not None:
+            check_resume(last, job, allow_change or [])
         norm = manifest.layout.default_normaliser.replace("_", "-")
         session = train_local(job, out, device=device, resume=resume is not None,
                               on_report=EpochPrinter(job.optimizer.epochs, norm, typer.echo))
@@ -142,7 +148,8 @@ def train(
         return
     from flare.platform.ray_train import train as ray_train
 
-    outcome = ray_train(job, address=address, storage=storage, resume=resume, log=typer.echo)
+    outcome = ray_train(job, address=address, storage=storage, resume=resume, log=typer.echo,
+                        allow_changes=allow_change or [])
     norm = load_manifest(job.data.manifest).layout.default_normaliser.replace("_", "-")
     typer.echo(f"done: run {outcome.run_id}, best val NME ({norm}) {100 * outcome.best_metrics['val_nme']:.2f}% "
                f"at epoch {outcome.best_metrics['epoch'] + 1}"
@@ -264,24 +271,35 @@ def models_promote(
 @app.command()
 @one_line_errors
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders (walked; outputs mirror their "
+                                                 "relative paths)")],
     model: Annotated[str, typer.Option("--model", help="models:/name@alias, a run id or a directory")],
     out: Annotated[Path, typer.Option("--out", help="output directory for JSON and overlay PNGs")],
     box: Annotated[str | None, typer.Option("--box", help="x,y,w,h face box (instead of detection)")] = None,
     no_detect: Annotated[bool, typer.Option("--no-detect", help="use the whole image as the face")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch | onnx (onnxruntime; MODEL may be an "
+                                         "exported .onnx file)")] = "torch",
 ) -> None:
-    """Landmarks per image (original pixels) as JSON plus an overlay PNG. Bad images are reported and
-    the others still processed; the exit code is 1 if any image failed."""
+    """Landmarks per image (original pixels) as JSON plus an overlay PNG, and predictions.jsonl of all.
+    Bad images are reported and the others still processed; the exit code is 1 if any image failed."""
+    from flare.platform.onnx_backend import load_landmarks
     from flare.platform.predict_files import predict_files
-    from flare.platform.predictor import Predictor
 
     boxes = None
     if box is not None:
-        parts = box.split(",")
-        if len(parts) != 4:
-            raise ValueError(f"--box {box!r}: expected x,y,w,h")
-        boxes = [[float(v) for v in parts]]
-    failures = predict_files(Predictor.load(model), images, out, boxes, detect=not no_detect, log=typer.echo)
+        import math
+
+        try:
+            values = [float(v) for v in box.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise ValueError(f"--box {box!r}: expected four numbers x,y,w,h")
+        if not all(math.isfinite(v) for v in values) or values[2] <= 0 or values[3] <= 0:
+            raise ValueError(f"--box {box!r}: x,y,w,h must be finite with w and h > 0")
+        boxes = [values]
+    predictor = load_landmarks(model, backend)
+    failures = predict_files(predictor, images, out, boxes, detect=not no_detect, log=typer.echo)
     for path, reason in failures:
         typer.echo(f"error: {path}: {reason}", err=True)
     if failures:
@@ -306,6 +324,7 @@ def demo(
 app.add_typer(cli_cluster.cluster_app, name="cluster")
 app.add_typer(cli_cluster.jobs_app, name="jobs")
 app.add_typer(cli_specs.specs_app, name="specs")
+app.add_typer(cli_export.export_app, name="export")
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(cli_cluster.submit)
 app.command()(cli_tune.tune)
 

@@ -1,0 +1,166 @@
+"""ONNX export: the exported graph (network + decoder) reproduces Predictor.predict_batch on onnxruntime,
+with a dynamic batch, flare metadata, and the ``flare export onnx`` / ``flare predict --backend onnx`` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flare.datasets.augment import crop_matrix, to_tensor_image
+from flare.models.layouts import get_layout
+from flare.platform.builders import build_model
+from flare.platform.cli import app
+from flare.platform.config import load_job
+from flare.platform.export import LandmarkGraph, export_onnx
+from flare.platform.onnx_backend import OnnxLandmarks
+from flare.platform.predictor import Predictor
+
+pytest.importorskip("onnxruntime", reason="install the onnx extra: pip install 'flare-landmarks[onnx]'")
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+TOL_PX = 0.01
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine, OpenMP spinning makes tiny forwards 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _predictor(decoder: str) -> Predictor:
+    """tiny.yaml with 2 stacks, seeded random weights; RwSA's signed maps for the argmax decoders."""
+    objective = "star" if decoder == "softargmax" else "rwsa"
+    job = load_job(REPO / "jobs" / "tiny.yaml", [f"objective.name={objective}", "model.stacks=2"])
+    layout = get_layout(job.model.layout)
+    torch.manual_seed(0)
+    model = build_model(job, layout).eval()
+    return Predictor.from_job(model, job, layout, decoder, info={"decoder": decoder})
+
+
+def _real_images() -> list[np.ndarray]:
+    root = os.environ.get("FLARE_TEST_DATA")
+    images = sorted((Path(root) / "300W" / "afw").glob("*.jpg"))[:4] if root else []
+    return [cv2.imread(str(p)) for p in images]
+
+
+@pytest.fixture(scope="module")
+def crops() -> tuple[torch.Tensor, np.ndarray]:
+    """4 crops (4, 3, S, S) of real 300W faces (landmark-extent boxes) when FLARE_TEST_DATA is set, else
+    seeded random crops; with their crop -> original matrices."""
+    images = _real_images()
+    if len(images) < 4:
+        gen = torch.Generator().manual_seed(1)
+        return torch.rand(4, 3, SIZE, SIZE, generator=gen) * 2 - 1, np.tile(np.eye(3), (4, 1, 1))
+    root = Path(os.environ["FLARE_TEST_DATA"]) / "300W" / "afw"
+    out, mats = [], []
+    for path in sorted(root.glob("*.jpg"))[:4]:
+        pts = np.loadtxt(path.with_suffix(".pts"), comments=("version", "n_points", "{", "}"))
+        image = cv2.imread(str(path))
+        side = float((pts.max(0) - pts.min(0)).max())
+        m = crop_matrix((pts.max(0) + pts.min(0)) / 2, 1.05 * side / 200.0, SIZE)
+        out.append(to_tensor_image(cv2.warpAffine(image, m[:2], (SIZE, SIZE), flags=cv2.INTER_LINEAR)))
+        mats.append(np.linalg.inv(m))
+    return torch.stack(out), np.stack(mats)
+
+
+@pytest.fixture(scope="module", params=["softargmax", "argmax", "argmax_refine"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, Path]:
+    predictor = _predictor(request.param)
+    path = export_onnx(predictor, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
+    return predictor, path
+
+
+def test_graph_decoder_matches_predictor(exported: tuple[Predictor, Path], crops: tuple) -> None:
+    predictor, _ = exported
+    x, _ = crops
+    with torch.no_grad():
+        got = LandmarkGraph.from_predictor(predictor)(x).double().numpy()
+    want = predictor.predict_batch(x)
+    assert got.shape == want.shape == (4, 68, 2)
+    assert np.abs(got - want).max() <= TOL_PX
+    assert want.std() > 0.5  # not a degenerate all-equal prediction
+
+
+def test_onnxruntime_matches_predictor_dynamic_batch(exported: tuple[Predictor, Path], crops: tuple) -> None:
+    predictor, path = exported
+    x, to_orig = crops
+    onnx_model = OnnxLandmarks(path, threads=1)
+    want = predictor.predict_batch(x)
+    got4 = onnx_model.predict_batch(x)
+    got1 = onnx_model.predict_batch(x[2:3])
+    assert got4.shape == (4, 68, 2) and got1.shape == (1, 68, 2)
+    assert np.abs(got4 - want).max() <= TOL_PX
+    assert np.abs(got1[0] - want[2]).max() <= TOL_PX
+    assert np.abs(onnx_model.predict_batch(x, to_orig) - predictor.predict_batch(x, to_orig)).max() <= TOL_PX
+    if predictor.decoder == "argmax":  # integer heatmap px -> crop px on a fixed lattice
+        assert np.allclose(got4, want, atol=1e-4)
+
+
+def test_metadata_describes_the_graph(exported: tuple[Predictor, Path]) -> None:
+    import onnx
+
+    predictor, path = exported
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["flare.layout"] == "300w68" and meta["flare.num_landmarks"] == "68"
+    assert meta["flare.input_size"] == str(SIZE) and meta["flare.decoder"] == predictor.decoder
+    assert "BGR" in meta["flare.input"] and "127.5" in meta["flare.input"]
+    assert "1.05" in meta["flare.crop_rule"] and "crop pixels" in meta["flare.output"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+
+
+def _model_dir(tmp_path: Path, decoder: str) -> Path:
+    predictor = _predictor(decoder)
+    directory = tmp_path / "model"
+    directory.mkdir()
+    torch.save(predictor.model.state_dict(), directory / "state.pt")
+    meta = {"job": predictor.job.model_dump(mode="json"), "layout": "300w68", "info": {"decoder": decoder}}
+    (directory / "job.json").write_text(json.dumps(meta))
+    return directory
+
+
+def test_cli_export_writes_file_and_refuses_bad_model(tmp_path: Path) -> None:
+    runner = CliRunner()
+    model_dir = _model_dir(tmp_path, "argmax_refine")
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", "onnx", str(model_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert OnnxLandmarks(out).decoder == "argmax_refine"
+    (tmp_path / "empty").mkdir()
+    bad = runner.invoke(app, ["export", "onnx", str(tmp_path / "empty"), "--out", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no state.pt" in lines[0]
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_predict_onnx_backend_matches_torch(tmp_path: Path) -> None:
+    images = _real_images()[:1] or [np.random.default_rng(0).integers(0, 255, (120, 100, 3), np.uint8)]
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), images[0])
+    model_dir = _model_dir(tmp_path, "softargmax")
+    runner = CliRunner()
+    results = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        r = runner.invoke(app, ["predict", str(image), "--model", str(model_dir), "--out", str(out),
+                                "--no-detect", "--backend", backend])
+        assert r.exit_code == 0, r.output
+        results[backend] = json.loads(next(out.glob("*.json")).read_text())
+    torch_pts, onnx_pts = (np.asarray(results[b]["faces"][0]) for b in ("torch", "onnx"))
+    assert torch_pts.shape == (68, 2)
+    px_per_crop_px = 1.05 * min(images[0].shape[:2]) / SIZE  # --no-detect: the whole image is the face box
+    assert np.abs(torch_pts - onnx_pts).max() <= TOL_PX * px_per_crop_px + 1e-4  # JSON rounds to 1e-4
