@@ -27,6 +27,9 @@ def quiet_warnings() -> None:
     if not verbose():
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Created version ...", db migrations
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        logging.getLogger("torch._export").setLevel(logging.ERROR)  # export specialisation notes
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -157,6 +157,8 @@ def _ray_entry(config: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse_job(config["job"])
     session = RaySession(job, config.get("tracking_uri"), config.get("run_id"), config.get("resume_from"))
     train_worker(config["job"], session)
+    if session.logger is not None:
+        session.logger.flush()  # epochs buffered while the tracking server was unreachable
     return session.reports
 
 

@@ -51,7 +51,9 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
 
 class EpochLogger:
     """Logs one dict of metrics per epoch into an existing run, at most once per epoch: epochs that
-    the run already holds (a restarted worker redoing work) are skipped."""
+    the run already holds (a restarted worker redoing work) are skipped. When the tracking server cannot
+    be reached, the epoch stays buffered and is sent with the next one (or by :meth:`flush`), so a server
+    that blinks costs no metric and never stops training."""
 
     def __init__(self, tracking_uri: str, run_id: str, key: str = "val_nme") -> None:
         from mlflow.tracking import MlflowClient
@@ -59,9 +61,11 @@ class EpochLogger:
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, key)}
         self.key = key
+        self.pending: dict[int, list] = {}
 
     def log(self, metrics: dict[str, Any], epoch: int) -> bool:
-        if epoch in self.logged:
+        """Queue ``epoch``'s metrics and send everything queued; False if the epoch was already logged."""
+        if epoch in self.logged or epoch in self.pending:
             return False
         import time
 
@@ -72,10 +76,35 @@ class EpochLogger:
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         # the key metric last: its presence marks the epoch as complete
         batch.sort(key=lambda m: m.key == self.key)
-        for i in range(0, len(batch), 200):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 200])
-        self.logged.add(epoch)
+        self.pending[epoch] = batch
+        self.send()
         return True
+
+    def send(self) -> bool:
+        """Send the queued epochs in order; True when nothing is left (False: the server is unreachable)."""
+        for epoch in sorted(self.pending):
+            batch = self.pending[epoch]
+            try:
+                for i in range(0, len(batch), 200):
+                    self.client.log_batch(self.run_id, metrics=batch[i : i + 200])
+            except Exception as err:  # noqa: BLE001 - MLflow raises many types when the server is down
+                print(f"MLflow unreachable, epoch {epoch} buffered ({type(err).__name__}); retried with the next "
+                      "epoch", flush=True)
+                return False
+            self.logged.add(epoch)
+            del self.pending[epoch]
+        return True
+
+    def flush(self, timeout_s: float = 300.0) -> None:
+        """Retry the queued epochs until they are sent or ``timeout_s`` passes (then RuntimeError)."""
+        import time
+
+        deadline, wait = time.monotonic() + timeout_s, 1.0
+        while not self.send():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MLflow: epochs {sorted(self.pending)} could not be logged in {timeout_s:g} s")
+            time.sleep(wait)
+            wait = min(wait * 2, 15.0)
 
 
 class HeatmapExport(nn.Module):
