@@ -1,12 +1,14 @@
-"""Job specs: YAML files validated by typed config models (issue 4).
+"""Job specs: YAML files validated by typed config models.
 
 Each section is a small pydantic model with ``extra="forbid"``, so an unknown key or a wrong type is
 an error that names the key. ``--set a.b=value`` overrides any field (the value is parsed as YAML).
+Relative paths (:data:`PATH_FIELDS`) are made absolute once, on the driver, by :func:`load_job`.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +25,10 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Which prepared dataset to read and how to crop it (issue 3 manifests)."""
+    """Which prepared dataset to read and how to crop it."""
 
-    manifest: str = Field(description="path to a manifest.json written by `flare data prepare`")
+    manifest: str = Field(description="path or URI of a manifest.json written by `flare data prepare`; a "
+                          "relative path is taken from the directory flare is started in")
     train_split: str = Field("train", description="split trained on")
     val_split: str = Field("val", description="split that selects epochs, weights and decoders")
     test_split: str = Field("test", description="split evaluated once per finished run")
@@ -55,10 +58,16 @@ class StarConfig(_Section):
 
     w: float = Field(1.0, ge=0, description="value-restriction weight (Eq. 7)")
     distance: Literal["l1", "l2", "smoothl1", "wing", "awing"] = Field("smoothl1", description="per-component distance d (4.6)")
-    s: float = Field(0.01, gt=0, description="smooth-l1 knee in normalised units")
+    s: float = Field(0.01, gt=0, description="smooth-l1 knee in normalised units; only distance smoothl1 "
+                     "uses it (ignored for the others)")
     restriction: Literal["value", "detach", "none"] = Field("value", description="eigenvalue restriction (4.7)")
     value_form: Literal["sum_abs", "half_sum"] = Field("sum_abs", description="official code form or paper Eq. 7 form")
     variant: Literal["v1", "v2"] = Field("v2", description="v2: per-component Eq. 6; v1: whitened norm (4.10)")
+
+    @property
+    def distance_kwargs(self) -> dict[str, float]:
+        """Keyword parameters of ``distance``: the knee ``s`` for smoothl1, none for the others."""
+        return {"s": self.s} if self.distance == "smoothl1" else {}
 
 
 class RwsaConfig(_Section):
@@ -256,7 +265,39 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+PATH_FIELDS = ("data.manifest", "mlflow.tracking_uri")  # job-spec keys that hold a path or a URI
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # sqlite:///..., s3://..., http://..., file:...
+_NAMED_URIS = ("databricks", "databricks-uc")  # MLflow tracking targets that are names, not paths
+
+
+def is_uri(value: str) -> bool:
+    """True for a URI (``scheme:...``) or an MLflow named target, which are never resolved as paths."""
+    return bool(_SCHEME.match(value)) or value in _NAMED_URIS
+
+
+def absolute_path(value: str, base: Path | None = None) -> str:
+    """``value`` as an absolute path against ``base`` (default: the working directory); URIs, absolute
+    paths and empty values are returned as they are."""
+    if not value or is_uri(value):
+        return value
+    path = Path(value).expanduser()
+    return str(path) if path.is_absolute() else str((Path(base or Path.cwd()) / path).resolve())
+
+
+def absolute_paths(raw: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """A copy of the nested job dict with every :data:`PATH_FIELDS` string made absolute."""
+    out = copy.deepcopy(raw)
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = absolute_path(node[name], base)
+    return out
+
+
 def load_job(path: Path, overrides: list[str] | None = None) -> JobConfig:
-    """Load ``path``, apply ``--set`` overrides and validate. Relative data paths stay as written."""
+    """Load ``path``, apply ``--set`` overrides and validate. Relative paths (:data:`PATH_FIELDS`) are
+    resolved here, once, against the working directory, so Ray workers (which run elsewhere) get
+    absolute paths."""
     raw = apply_overrides(load_yaml(path), overrides or [], source=str(path))
-    return parse_job(raw, source=str(path))
+    return parse_job(absolute_paths(raw), source=str(path))

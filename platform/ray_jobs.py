@@ -1,4 +1,4 @@
-"""Ray Jobs glue behind ``flare submit`` and ``flare jobs`` (issue 6, "Cluster jobs").
+"""Ray Jobs glue behind ``flare submit`` and ``flare jobs``.
 
 Talks to the head's dashboard (``http://HEAD:8265``) through ``JobSubmissionClient``. Token
 authentication is never disabled: the token is looked up the way Ray does (``RAY_AUTH_TOKEN``, then the
@@ -203,6 +203,83 @@ def entrypoint(command: str, args: list[str]) -> str:
     return shlex.join([*ENTRYPOINT, *SUBMIT_COMMANDS[command], *args])
 
 
+DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out")}  # parameters that name data on the cluster
+ABSOLUTE_HELP = "the cluster gets this project's code, not its data: use an absolute path or a URI that the cluster sees"
+
+
+def command_params(command: str, args: list[str]) -> dict[str, Any]:
+    """``args`` parsed by the very CLI command the job will run (nothing is executed)."""
+    import click
+    import typer.main
+
+    from flare.platform.cli import app
+
+    cmd: Any = typer.main.get_command(app)
+    ctx = None
+    try:
+        for word in SUBMIT_COMMANDS[command]:
+            ctx = click.Context(cmd, info_name=word, parent=ctx)
+            cmd = cmd.get_command(ctx, word)
+        return cmd.make_context(" ".join(SUBMIT_COMMANDS[command]), list(args), parent=ctx,
+                                resilient_parsing=True).params
+    except click.ClickException as err:
+        raise ClusterError(f"flare {' '.join(SUBMIT_COMMANDS[command])}: {err.format_message()}") from None
+
+
+def _relative(value: Any) -> bool:
+    from flare.platform.config import is_uri
+
+    text = str(value)
+    return bool(text) and not is_uri(text) and not Path(text).expanduser().is_absolute()
+
+
+def _shipped_file(arg: Any, root: Path, folder: str) -> Path | None:
+    """Where the job will find the spec ``arg`` (a path, relative to the shipped project, or a shipped
+    name); None when it is not here to check (the job then reports it)."""
+    path = Path(str(arg)).expanduser()
+    for candidate in (path if path.is_absolute() else root / path, root / folder / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def check_cluster_paths(command: str, args: list[str], root: Path | None = None) -> None:
+    """Refuse relative data paths before submitting: ``--root/--out/--data`` of prepare and eval, and the
+    path fields (``data.manifest``, ``mlflow.tracking_uri``) of a train/tune job spec with its ``--set``
+    overrides and of a tune search file. The job runs in a copy of the code, where they would not exist."""
+    from flare.platform.config import PATH_FIELDS, apply_overrides, load_yaml
+    from flare.platform.search_space import map_path_values
+
+    root = root or project_root()
+    words = " ".join(SUBMIT_COMMANDS.get(command, (command,)))
+    params = command_params(command, args)
+    for name in DATA_OPTIONS.get(command, ()):
+        if params.get(name) is not None and _relative(params[name]):
+            raise ClusterError(f"flare submit {words}: --{name} {params[name]} is relative; {ABSOLUTE_HELP}")
+    if command not in ("train", "tune"):
+        return
+
+    def refuse(source: str) -> Any:
+        def check(key: str, value: str) -> str:
+            if _relative(value):
+                raise ClusterError(f"flare submit {words}: {key}={value} (from {source}) is relative; {ABSOLUTE_HELP}")
+            return value
+        return check
+
+    sets = list(params.get("set_") or [])
+    spec = _shipped_file(params["job_file"], root, "jobs") if params.get("job_file") else None
+    for source, raw in (("--set", apply_overrides({}, sets, "--set")),
+                        (str(params.get("job_file")), apply_overrides(load_yaml(spec), sets, "--set") if spec else {})):
+        for key in PATH_FIELDS:
+            section, field = key.split(".")
+            node = raw.get(section)
+            if isinstance(node, dict) and isinstance(node.get(field), str):
+                refuse(source)(key, node[field])
+    search = _shipped_file(params["search"], root, "jobs/search") if params.get("search") else None
+    if search is not None:
+        map_path_values(load_yaml(search), refuse(str(params["search"])))
+
+
 def stage_package(root: Path, dest: Path) -> Path:
     """Copy the project's code to ``dest`` (a directory named ``flare``) for ``py_modules``, without
     :data:`EXCLUDES`. Ray names packages by content hash, so the copy carries a marker file to differ from
@@ -238,6 +315,7 @@ def submit(conn: Connection, command: str, args: list[str], env: Mapping[str, st
     env = os.environ if env is None else env
     root = root or project_root()
     line = entrypoint(command, args)
+    check_cluster_paths(command, args, root)
     with tempfile.TemporaryDirectory(prefix="flare-submit-") as tmp:
         renv = runtime_env(root, stage_package(root, Path(tmp) / "flare"), env)
         deadline = time.monotonic() + AGENT_WAIT_S

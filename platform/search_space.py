@@ -1,4 +1,4 @@
-"""Search files (``jobs/search/*.yaml``, issue 5): typed models, validation against a job spec, and
+"""Search files (``jobs/search/*.yaml``): typed models, validation against a job spec, and
 conversion to Ray Tune distributions.
 
 A search file names job-spec paths (``objective.star.w``) and gives each a distribution written as a
@@ -6,11 +6,13 @@ one-key mapping, ``{loguniform: [0.1, 10]}``. Kinds: ``uniform``/``loguniform`` 
 ``randint`` ``[low, high)``, ``choice``/``grid`` ``[v1, v2, ...]``. A ``choice``/``grid`` may instead
 be a mapping ``{label: {path: value, ...}}``: each option is a bundle of overrides applied together
 (the parameter name is then only a label), e.g. a smoothing patch size ``k`` with the shards that were
-prepared for it.
+prepared for it. Relative paths among the values (``data.manifest``) are made absolute when the file is
+loaded, against the working directory, as :func:`flare.platform.config.load_job` does for job specs.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flare.platform.config import ConfigError, JobConfig, load_yaml, parse_job, set_paths
+from flare.platform.config import (
+    PATH_FIELDS,
+    ConfigError,
+    JobConfig,
+    absolute_path,
+    load_yaml,
+    parse_job,
+    set_paths,
+)
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 Value = bool | int | float | str | None
@@ -160,7 +170,7 @@ def plain(value: Any) -> Any:
 
 def load_search(path: Path) -> SearchSpec:
     """Read and validate a search file; errors are one line naming the file and the key."""
-    raw = load_yaml(path)
+    raw = map_path_values(load_yaml(path), lambda _key, value: absolute_path(value))
     try:
         return SearchSpec.model_validate(raw)
     except ValidationError as err:
@@ -168,6 +178,27 @@ def load_search(path: Path) -> SearchSpec:
         loc = ".".join(str(p) for p in first["loc"])
         msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}") from None
+
+
+def map_path_values(raw: dict[str, Any], fn: Callable[[str, str], str]) -> dict[str, Any]:
+    """A copy of a raw search file with ``fn(key, value)`` applied to every path value
+    (:data:`PATH_FIELDS`) in ``fixed``, in bundles and in plain choices of a path."""
+    def fix(values: Any) -> None:
+        if isinstance(values, dict):
+            for key in PATH_FIELDS:
+                if isinstance(values.get(key), str):
+                    values[key] = fn(key, values[key])
+
+    raw = copy.deepcopy(raw)
+    fix(raw.get("fixed"))
+    for key, dist in (raw.get("params") or {}).items():
+        for options in (dist.values() if isinstance(dist, dict) else ()):
+            if isinstance(options, dict):
+                for bundle in options.values():
+                    fix(bundle)
+            elif isinstance(options, list) and key in PATH_FIELDS:
+                options[:] = [fn(key, v) if isinstance(v, str) else v for v in options]
+    return raw
 
 
 def corner_overrides(search: SearchSpec) -> list[tuple[str, dict[str, Any]]]:

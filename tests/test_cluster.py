@@ -269,3 +269,34 @@ def test_entrypoint_and_shipped_package(tmp_path: Path) -> None:
     for name in (".venv", "mlruns", ".git", "runs", "out", "data"):
         assert not (pkg / name).exists()
     assert not list(pkg.rglob("__pycache__"))
+
+
+def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
+    """The cluster gets the code, not the data: a relative data path is refused before anything is sent."""
+    from flare.platform.ray_jobs import check_cluster_paths
+
+    def refused(command: str, args: list[str]) -> str:
+        with pytest.raises(ClusterError) as info:
+            check_cluster_paths(command, args, ROOT)
+        msg = str(info.value)
+        assert "\n" not in msg and "use an absolute path or a URI that the cluster sees" in msg
+        return msg
+
+    assert "data.manifest=data/300w/manifest.json (from jobs/tiny.yaml)" in refused("train", ["jobs/tiny.yaml"])
+    assert "(from tiny)" in refused("train", ["tiny"])  # a shipped name reads the shipped spec
+    assert "data.manifest=rel/m.json (from --set)" in refused("train", ["jobs/tiny.yaml", "--set",
+                                                                        "data.manifest=rel/m.json"])
+    assert "data.manifest=data/300w-k5/manifest.json (from jobs/search/rwsa.yaml)" in refused(
+        "tune", ["jobs/300w_rwsa.yaml", "--set", "data.manifest=/shared/m.json", "--search", "jobs/search/rwsa.yaml"])
+    assert "--out data/300w is relative" in refused("prepare", ["--format", "300w", "--root", "/d", "--out",
+                                                                "data/300w"])
+    assert "--root 300W is relative" in refused("prepare", ["--format", "300w", "--root", "300W", "--out", "/d"])
+    assert "--data data/300w is relative" in refused("eval", ["models:/m@champion", "--data", "data/300w"])
+    for command, args in [("train", ["jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'm.json'}"]),
+                          ("train", ["tiny", "--set", "data.manifest=s3://bucket/300w/manifest.json"]),
+                          ("tune", ["300w_star", "--search", "star", "--set", "data.manifest=/shared/m.json"]),
+                          ("tune", ["--resume", "some-search"]),
+                          ("prepare", ["--format", "synthetic", "--out", str(tmp_path / "d"), "--no-ray"]),
+                          ("eval", ["models:/m@champion", "--data", "/shared/300w", "--out", str(tmp_path)]),
+                          ("train", ["jobs/no-such-spec.yaml"])]:  # not here to read: the job reports it
+        check_cluster_paths(command, args, ROOT)

@@ -1,4 +1,4 @@
-"""Job specs (issue 4 "Job specs"): shipped recipes, one-line errors naming file and key, ``--set``
+"""Job specs: shipped recipes, one-line errors naming file and key, ``--set``
 overrides, derived fields, and the ``flare train`` CLI failing fast on a bad spec (no Ray)."""
 
 from __future__ import annotations
@@ -277,8 +277,55 @@ def test_flat_keys_are_dotted_and_complete() -> None:
             "scaling.workers", "mlflow.registered_model", "name"} <= set(flat)
     assert flat["objective.star.w"] == 1.0
     assert flat["optimizer.milestones"] == [200, 350, 450]
-    assert flat["data.manifest"] == "data/wflw/manifest.json"
+    assert flat["data.manifest"] == str(Path.cwd().resolve() / "data/wflw/manifest.json")
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolved once, at load, against the directory flare runs in (not the spec's folder)."""
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    job = load_job(JOBS / "tiny.yaml")
+    assert job.data.manifest == str(here / "data/300w/manifest.json")
+    job = load_job(JOBS / "tiny.yaml", ["data.manifest=../other/m.json", "mlflow.tracking_uri=mlruns"])
+    assert job.data.manifest == str(here.parent / "other/m.json")
+    assert job.mlflow.tracking_uri == str(here / "mlruns")
+
+
+@pytest.mark.parametrize("value", ["/abs/m.json", "s3://bucket/300w/manifest.json", "gs://b/m.json"])
+def test_absolute_paths_and_uris_stay_as_written(value: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_job(JOBS / "tiny.yaml", [f"data.manifest={value}"]).data.manifest == value
+    for uri in ("sqlite:///mlruns/mlflow.db", "http://mlflow:5000", "databricks"):
+        assert load_job(JOBS / "tiny.yaml", [f"mlflow.tracking_uri={uri}"]).mlflow.tracking_uri == uri
+
+
+def test_parse_job_leaves_paths_alone() -> None:
+    """Workers parse the driver's (already absolute) job dict; they must not re-resolve anything."""
+    assert parse_job({"data": {"manifest": "m.json"}}).data.manifest == "m.json"
+
+
+def test_train_no_ray_with_a_relative_manifest(small_300w: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data.manifest: data/300w/manifest.json`` (tiny.yaml as shipped) from a folder holding data/300w."""
+    from typer.testing import CliRunner
+
+    from flare.platform.cli import app
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "300w").symlink_to(small_300w)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", str(JOBS / "tiny.yaml"), "--no-ray", "--set", "optimizer.epochs=1",
+                                   "--set", "data.max_val_samples=8", "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, f"{res.output}{res.exception!r}"
+    assert "done: 1 epochs" in res.output
+    saved = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(saved) == 1
 
 
 # ------------------------------------------------------------------------------------------ CLI
