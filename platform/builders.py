@@ -37,7 +37,7 @@ def objective_from_config(cfg: ObjectiveConfig) -> nn.Module:
         st = cfg.star
         weights = StarObjectiveWeights(point=cfg.awing_point_weight, edge=cfg.awing_edge_weight, dr=cfg.dr_weight)
         return StarObjective(weights, w=st.w, distance=st.distance, restriction=st.restriction,
-                             value_form=st.value_form, variant=st.variant, s=st.s)
+                             value_form=st.value_form, variant=st.variant, **st.distance_kwargs)
     if cfg.name == "rwsa":
         rw, sm = cfg.rwsa, cfg.smoothing
         weights = RwsaObjectiveWeights(lam=rw.lam, point=cfg.awing_point_weight, edge=cfg.awing_edge_weight)

@@ -207,14 +207,12 @@ DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out")}  # paramete
 ABSOLUTE_HELP = "the cluster gets this project's code, not its data: use an absolute path or a URI that the cluster sees"
 
 
-def command_params(command: str, args: list[str]) -> dict[str, Any]:
-    """``args`` parsed by the very CLI command the job will run (nothing is executed)."""
+def command_params(command: str, args: list[str], cli: Any) -> dict[str, Any]:
+    """``args`` parsed by the very CLI command the job will run (``cli``: the root ``click`` command of
+    ``flare``; nothing is executed)."""
     import click
-    import typer.main
 
-    from flare.platform.cli import app
-
-    cmd: Any = typer.main.get_command(app)
+    cmd: Any = cli
     ctx = None
     try:
         for word in SUBMIT_COMMANDS[command]:
@@ -243,7 +241,7 @@ def _shipped_file(arg: Any, root: Path, folder: str) -> Path | None:
     return None
 
 
-def check_cluster_paths(command: str, args: list[str], root: Path | None = None) -> None:
+def check_cluster_paths(command: str, args: list[str], cli: Any, root: Path | None = None) -> None:
     """Refuse relative data paths before submitting: ``--root/--out/--data`` of prepare and eval, and the
     path fields (``data.manifest``, ``mlflow.tracking_uri``) of a train/tune job spec with its ``--set``
     overrides and of a tune search file. The job runs in a copy of the code, where they would not exist."""
@@ -252,7 +250,7 @@ def check_cluster_paths(command: str, args: list[str], root: Path | None = None)
 
     root = root or project_root()
     words = " ".join(SUBMIT_COMMANDS.get(command, (command,)))
-    params = command_params(command, args)
+    params = command_params(command, args, cli)
     for name in DATA_OPTIONS.get(command, ()):
         if params.get(name) is not None and _relative(params[name]):
             raise ClusterError(f"flare submit {words}: --{name} {params[name]} is relative; {ABSOLUTE_HELP}")
@@ -315,7 +313,6 @@ def submit(conn: Connection, command: str, args: list[str], env: Mapping[str, st
     env = os.environ if env is None else env
     root = root or project_root()
     line = entrypoint(command, args)
-    check_cluster_paths(command, args, root)
     with tempfile.TemporaryDirectory(prefix="flare-submit-") as tmp:
         renv = runtime_env(root, stage_package(root, Path(tmp) / "flare"), env)
         deadline = time.monotonic() + AGENT_WAIT_S

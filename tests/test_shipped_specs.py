@@ -81,11 +81,7 @@ def _discrete_combinations(spec: SearchSpec, rng: np.random.Generator) -> list[d
     return out
 
 
-# Known to fail until objective_from_config passes ``**cfg.star.distance_kwargs`` instead of ``s=`` (the knee
-# is smooth-l1's only; l1/l2/wing refuse it). Strict: once fixed, this test says so and the mark goes.
-BUILDER_PASSES_S = pytest.mark.xfail(strict=True, reason="builders.objective_from_config passes objective.star.s "
-                                     "to every distance; use **cfg.star.distance_kwargs")
-SEARCH_PARAMS = [pytest.param(p, marks=BUILDER_PASSES_S) if p.stem == "star" else p for p in SEARCH_FILES]
+SEARCH_PARAMS = SEARCH_FILES
 
 
 @pytest.mark.parametrize("search_path", SEARCH_PARAMS, ids=lambda p: p.stem)
