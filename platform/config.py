@@ -36,6 +36,8 @@ class DataConfig(_Section):
     max_val_samples: int | None = Field(None, ge=1, description="use only the first N validation faces")
     input_size: int = Field(256, ge=64, le=256, description="crop side S in px; heatmaps are S/4")
     augment: bool = Field(True, description="STAR augmentation (method.md 8.2) on training samples")
+    loader_workers: int = Field(0, ge=0, le=64, description="--no-ray: processes building training batches "
+                                "ahead of the step (0: in the training process); batches do not depend on it")
 
 
 class ModelConfig(_Section):

@@ -32,6 +32,7 @@ from flare.models.metrics import evaluate
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
+from flare.platform.local_loader import LocalLoader, WaitClock, session_batches
 from flare.platform.predictor import Predictor
 
 VAL_METRIC = "val_nme"
@@ -143,8 +144,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     for epoch in range(start_epoch, job.optimizer.epochs):
         fault_hook(epoch, session.rank)
         stats, t0 = EpochStats(), time.perf_counter()
-        for rows in session.train_rows(epoch, per_worker):
-            batch = {k: v.to(device, non_blocking=True) for k, v in builder(rows, epoch).items()}
+        batches = WaitClock(session_batches(session, epoch, per_worker, builder))
+        for host in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 outputs = ddp_model(batch["image"])
             total, terms = objective(outputs, batch, gen)
@@ -154,12 +156,13 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                 nn.utils.clip_grad_norm_(model.parameters(), job.optimizer.grad_clip)
             opt.step()
             ema.update_parameters(model)
-            stats.add(terms, len(rows))
+            stats.add(terms, len(host["image"]))
         lr = opt.param_groups[0]["lr"]
         sched.step()
         elapsed = time.perf_counter() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
-                                   "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9)}
+                                   "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9),
+                                   "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0)}
         ckpt_dir = None
         if session.rank == 0:
             metrics.update(validate(model, session, job, layout, per_worker, "val_raw"))
@@ -209,6 +212,23 @@ class LocalSession:
         atomic_write_bytes(self.run_dir / "host.json", (json.dumps(host, indent=1) + "\n").encode())
         self.reports: list[dict[str, Any]] = []
         self.on_report: Callable[[dict[str, Any]], None] | None = None  # e.g. the CLI's per-epoch line
+        self.loader: LocalLoader | None = None
+
+    def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
+        """Ready batches: built by ``data.loader_workers`` persistent processes, or here when 0."""
+        workers = self.job.data.loader_workers
+        if workers == 0:
+            return (builder(rows, epoch) for rows in self.train_rows(epoch, batch_size))
+        if self.loader is None:
+            self.loader = LocalLoader(self.manifest, self.job.data.train_split, batch_size, builder, workers=workers,
+                                      limit=self.job.data.max_train_samples, shuffle_base=self.job.seed * 100003,
+                                      pin_memory=self.device.type == "cuda")
+        return self.loader.epoch(epoch)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes."""
+        if self.loader is not None:
+            self.loader.close()
 
     def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
         return iter_local_rows(self.manifest, self.job.data.train_split, batch_size,
@@ -250,5 +270,8 @@ def train_local(job: JobConfig, run_dir: Path, device: str | None = None, resume
                               "it or choose another --run-dir")
     session = LocalSession(job, run_dir, device, resume)
     session.on_report = on_report
-    train_worker(job.model_dump(mode="json"), session)
+    try:
+        train_worker(job.model_dump(mode="json"), session)
+    finally:
+        session.close()
     return session

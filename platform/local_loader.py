@@ -1,0 +1,168 @@
+"""Parallel batches for the single-process training path (``flare train --no-ray``).
+
+:class:`LocalLoader` wraps a ``torch.utils.data.DataLoader`` whose items are whole batches: worker
+processes read the shards once, then each builds the batches it is given with the same
+:class:`~flare.datasets.ingest.BatchBuilder` the in-process path uses. A batch is keyed on
+``(epoch, index)``: its rows are the ``index``-th slice of the epoch's permutation (the order of
+:func:`~flare.datasets.ingest.iter_local_rows`) and every sample's augmentation is keyed on
+``(seed, epoch, sample)``, so the tensors do not depend on the number of workers. Workers persist
+across epochs, prefetch ahead of the step, and on CUDA hand over pinned memory. They start from a
+``forkserver`` (not ``fork``): a fork of a process whose OpenCV/pyarrow/OpenMP pools hold locks hangs.
+
+Imports only PyTorch, NumPy, OpenCV and pyarrow (no Ray, no MLflow).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any, Self
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from flare.datasets.ingest import BatchBuilder, Manifest
+
+BatchKey = tuple[int, int]  # (epoch, batch index)
+
+
+def epoch_order(n: int, shuffle_seed: int | None) -> np.ndarray:
+    """Row order of one epoch, exactly as :func:`~flare.datasets.ingest.iter_local_rows` draws it."""
+    return np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+
+
+def split_rows(manifest: Manifest, split: str, limit: int | None) -> int:
+    """Rows used from ``split`` (the first ``limit``), from the parquet footers only."""
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in manifest.shard_paths(split))
+    return total if limit is None else min(limit, total)
+
+
+class ShardBatches(Dataset):
+    """Map-style dataset of whole batches: ``dataset[(epoch, i)]`` is the builder's output for the
+    ``i``-th ``batch_size`` slice of epoch ``epoch``'s row order. The table is read lazily, once per
+    process, and never pickled."""
+
+    def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder,
+                 limit: int | None = None, shuffle_base: int | None = None) -> None:
+        self.paths = [str(p) for p in manifest.shard_paths(split)]
+        self.batch_size, self.builder, self.shuffle_base = batch_size, builder, shuffle_base
+        self.n = split_rows(manifest, split, limit)
+        self._table: pa.Table | None = None
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_table": None, "_order": None}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This epoch's row order (cached for the current epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            seed = None if self.shuffle_base is None else self.shuffle_base + epoch
+            self._order = (epoch, epoch_order(self.n, seed))
+        return self._order[1]
+
+    def rows(self, key: BatchKey) -> list[dict]:
+        """The shard rows of batch ``key``."""
+        if self._table is None:
+            self._table = pq.read_table(self.paths)
+        epoch, i = key
+        return self._table.take(self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]).to_pylist()
+
+    def __getitem__(self, key: BatchKey) -> dict[str, torch.Tensor]:
+        return self.builder(self.rows(key), key[0])
+
+
+class EpochSampler(Sampler[BatchKey]):
+    """Yields ``(epoch, i)`` for every batch of the epoch set by :meth:`set_epoch` (runs in the main process)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches, self.epoch = batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        return ((self.epoch, i) for i in range(self.batches))
+
+
+def _init_worker(_: int) -> None:
+    """One thread per worker process: the parallelism comes from the processes."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class LocalLoader:
+    """Batches of one split for every epoch, built by ``workers`` persistent processes (0: in this
+    process). Iterate :meth:`epoch`; call :meth:`close` to stop the workers."""
+
+    def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder, *,
+                 workers: int = 0, limit: int | None = None, shuffle_base: int | None = None,
+                 pin_memory: bool = False, prefetch: int = 2, context: str = "forkserver") -> None:
+        self.dataset = ShardBatches(manifest, split, batch_size, builder, limit, shuffle_base)
+        self.sampler = EpochSampler(len(self.dataset))
+        self.workers = workers
+        self.loader: DataLoader | None = DataLoader(
+            self.dataset, batch_size=None, sampler=self.sampler, num_workers=workers,
+            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+            pin_memory=pin_memory, worker_init_fn=_init_worker if workers > 0 else None,
+            multiprocessing_context=context if workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` in order."""
+        if self.loader is None:
+            raise RuntimeError("LocalLoader is closed")
+        self.sampler.set_epoch(epoch)
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        loader, self.loader = self.loader, None
+        it = getattr(loader, "_iterator", None) if loader is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+def session_batches(session: Any, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
+    """Ready batches of ``epoch``: the session's own ``train_batches`` when it has one (the local
+    loader), else ``builder`` applied in this process to each of ``session.train_rows``."""
+    if hasattr(session, "train_batches"):
+        return iter(session.train_batches(epoch, batch_size, builder))
+    return (builder(rows, epoch) for rows in session.train_rows(epoch, batch_size))
+
+
+class WaitClock:
+    """Iterates ``items`` and sums the wall seconds spent in ``next()`` (the step waiting for data)."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items, self.seconds = iter(items), 0.0
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - t0
