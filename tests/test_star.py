@@ -325,3 +325,42 @@ def test_degenerate_mask_flags_point_zero_and_isotropic_maps_only():
     assert degenerate_mask(maps["isotropic"]).all()  # r = 0 up to round-off
     f, _, _ = _gaussians(seed=8)
     assert not degenerate_mask(f).any()
+
+
+# ----------------------------------------------------------------------------- magnitudes
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 7.0, 300.0])
+@pytest.mark.parametrize("cfg", [{}, {"distance": "l2"}, {"variant": "v1"}, {"restriction": "none"}],
+                         ids=["default", "l2", "v1", "none"])
+def test_normalisation_keeps_value_and_gradient_at_ordinary_magnitudes(scale, cfg):
+    """The per-map division by max(max|F|, 1) inside the moments (active above 1) changes nothing."""
+    f, _, u = _gaussians(seed=9)
+    ref_kw = {"dist": cfg.get("distance", "smoothl1"), "restriction": cfg.get("restriction", "value"),
+              "variant": cfg.get("variant", "v2")}
+    ours = _value_and_grad(STARLoss(**cfg), f * scale, u)
+    ref = _value_and_grad(lambda a, b: _ref_star(a, b, **ref_kw), f * scale, u)
+    _assert_close(ours, ref)
+    fp32 = STARLoss(**cfg)(f.float() * scale, u.float())
+    assert abs(fp32.item() - ref[0].item()) <= 1e-4 * abs(ref[0].item())
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_huge_peaks_give_the_ordinary_value_and_scaled_gradient(magnitude):
+    """STAR normalises F to a distribution: F·1e30 has the value of F, and the gradient of F divided by 1e30."""
+    f, _, u = _gaussians(seed=10)
+    ref_v, ref_gf, _ = _value_and_grad(_ref_star, f, u)  # float64, ordinary magnitude
+    big = (f.float() * magnitude).requires_grad_(True)
+    val = STARLoss()(big, u.float())
+    (grad,) = torch.autograd.grad(val, big)
+    assert abs(val.item() - ref_v.item()) <= 1e-4 * ref_v.item()
+    assert ((grad.double() * magnitude - ref_gf).abs().max() <= 1e-3 * ref_gf.abs().max()).item()
+
+
+def test_scaled_maps_gradcheck_and_repeated_backward():
+    gen = torch.Generator().manual_seed(11)
+    f = (torch.rand(1, 3, 12, 20, generator=gen, dtype=torch.float64) ** 4 * 50.0).requires_grad_(True)
+    u = (torch.rand(1, 3, 2, generator=gen, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: STARLoss(distance="l2")(a, b), (f, u))
+    val = STARLoss()(f, u)
+    (first,) = torch.autograd.grad(val, f, retain_graph=True)  # the first backward reuses a forward buffer
+    (second,) = torch.autograd.grad(val, f)
+    assert torch.equal(first, second)
