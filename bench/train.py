@@ -1,4 +1,4 @@
-"""Training throughput and peak memory of one full train step (issue 4 "Benchmarks").
+"""Training throughput and peak memory of one full train step.
 
 A step is what ``flare.platform.train_loop.train_worker`` does per batch: forward, the job's objective (STAR,
 method.md 4.8), backward, Adam step and the EMA update (``AveragedModel`` + ``get_ema_multi_avg_fn``,
@@ -33,7 +33,7 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 FULL_FWD_FLOPS = 34.7e9  # per 256^2 image, 2 FLOPs per MAC (method.md 3.7)
 TRAIN_FLOPS_FACTOR = 3  # backward ~ 2x forward
 H100_BF16_DENSE = 989e12  # H100/H200 SXM bf16 dense peak
-OFFICIAL_IMG_S = 0.90  # official STAR code, full WFLW model, 256 px, batch 4, this CPU (issue 4)
+OFFICIAL_IMG_S = 0.90  # official STAR code, full WFLW model, 256 px, batch 4, this CPU
 OFFICIAL_IMG_S_ANOMALY = 0.76  # same, with its global anomaly detection on
 
 
@@ -113,8 +113,8 @@ def run_case(case: Case) -> Result:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from flare.models.layouts import get_layout
-    from flare.platform.config import load_job
     from flare.platform.builders import build_model, objective_from_config
+    from flare.platform.config import load_job
 
     base_mb = _rss_mb()
     device = torch.device(case.device)

@@ -1,4 +1,4 @@
-"""Streaming prepared shards into training (issue 3): manifests, split readers and the batch builder.
+"""Streaming prepared shards into training: manifests, split readers and the batch builder.
 
 The same :class:`BatchBuilder` turns shard rows into model-ready tensors inside a Ray Train worker
 (rows from ``ray.train.get_dataset_shard``) and in a plain process (rows from :func:`iter_local_rows`).

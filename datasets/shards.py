@@ -1,4 +1,4 @@
-"""Parquet shard schema (issue 3): one row per face, everything training needs precomputed.
+"""Parquet shard schema: one row per face, everything training needs precomputed.
 
 Geometry stored per row (all float, x first):
 - ``image``: a loose square face crop of side ``image_size`` px, JPEG, BGR order when decoded by OpenCV.

@@ -1,4 +1,4 @@
-"""Side-by-side figures for several finished runs (issue 7, RESULTS.md): validation NME against epoch
+"""Side-by-side figures for several finished runs (RESULTS.md): validation NME against epoch
 from MLflow, the CED of their ``flare eval`` outputs, and the convergence count "epochs to reach within
 ``margin`` of a reference run's final validation NME"."""
 

@@ -1,4 +1,4 @@
-"""Log a single-process run (``flare train --no-ray``) into MLflow afterwards (issue 7).
+"""Log a single-process run (``flare train --no-ray``) into MLflow afterwards.
 
 Hosts without Ray or MLflow (the GPU machine) train with :func:`flare.platform.train_loop.train_local`,
 which leaves ``metrics.jsonl`` (one line per epoch) and ``checkpoints/epoch_NNNN/`` in a run directory.

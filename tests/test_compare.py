@@ -1,4 +1,4 @@
-"""``flare runs compare`` pieces: convergence counts and the figures (issue 7)."""
+"""``flare runs compare`` pieces: convergence counts and the figures."""
 
 from __future__ import annotations
 

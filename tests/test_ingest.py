@@ -1,4 +1,4 @@
-"""Ingest of prepared shards (issue 3): ``BatchBuilder`` tensors, the crop geometry they carry,
+"""Ingest of prepared shards: ``BatchBuilder`` tensors, the crop geometry they carry,
 seeded augmentation, the rank split of ``iter_local_rows`` and the Ray Dataset over a split.
 
 A 40-face synthetic dataset is prepared once (engine "local"); its exact labels come from the

@@ -1,4 +1,4 @@
-"""Package layout (issue 2) and landmark layouts (method.md 2)."""
+"""Package layout and landmark layouts (method.md 2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``flare runs import``: a ``flare train --no-ray`` run logged into a real sqlite MLflow afterwards
-(issue 7's GPU path), on real 300W shards."""
+(the GPU-host path), on real 300W shards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distributed training on a real local Ray with a real sqlite MLflow and real 300W shards (issue 4)."""
+"""Distributed training on a real local Ray with a real sqlite MLflow and real 300W shards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``flare tune`` (issue 5) on a real local Ray (2 CPUs), a real sqlite MLflow and real 300W shards.
+"""``flare tune`` on a real local Ray (2 CPUs), a real sqlite MLflow and real 300W shards.
 
 Two searches share the module: an ASHA search with ``--max-concurrent auto`` (early stopping,
 registration, champion) and a worse one that is interrupted and resumed (champion stays). Trial
