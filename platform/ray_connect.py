@@ -40,7 +40,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit: token auth on (and no notice that it is)
     # the raylet warns on the driver's terminal whenever more than 4x this many workers were started, which
     # a search's zero-CPU actors (trials, queues, data coordinators) always do on a small machine
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
