@@ -125,11 +125,14 @@ class EmaConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    """Ray Train scaling: workers, GPUs and CPUs per worker."""
+    """Ray Train scaling: workers, GPUs and CPUs per worker, and how workers spread over nodes."""
 
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker (nccl)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; leave some for Ray Data")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Ray places the workers: PACK (few nodes), SPREAD (many nodes, best effort), "
+        "STRICT_SPREAD (one worker per node, needs workers <= nodes)")
 
 
 class CheckpointConfig(_Section):

@@ -202,7 +202,7 @@ DATA_CPU_HEADROOM = 1.0  # CPUs Ray Data needs beside the workers (its read task
 
 def check_resources(job: JobConfig) -> None:
     """Fail fast instead of hanging: the workers must leave CPU for Ray Data's ingest (measured: on a
-    2-CPU cluster, 2 workers x 1 CPU never receive a batch)."""
+    2-CPU cluster, 2 workers x 1 CPU never receive a batch), and STRICT_SPREAD needs a node per worker."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
@@ -212,6 +212,14 @@ def check_resources(job: JobConfig) -> None:
             f"scaling: {job.scaling.workers} workers x {job.scaling.cpus_per_worker} CPU leave no CPU for data "
             f"ingest on this {total:g}-CPU cluster; lower scaling.cpus_per_worker or scaling.workers"
         )
+    if job.scaling.placement_strategy == "STRICT_SPREAD":  # one worker per node: never placeable otherwise
+        per_worker = {"CPU": job.scaling.cpus_per_worker, "GPU": 1.0 if job.scaling.use_gpu else 0.0}
+        nodes = [n for n in ray.nodes() if n.get("Alive") and
+                 all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in per_worker.items())]
+        if len(nodes) < job.scaling.workers:
+            raise ConfigError(f"scaling.placement_strategy: STRICT_SPREAD puts each of the {job.scaling.workers} "
+                              f"workers on its own node, but {len(nodes)} node(s) can hold one; lower "
+                              "scaling.workers or use SPREAD")
 
 
 def open_run(job: JobConfig, tracking_uri: str, parent_run_id: str | None = None,
@@ -245,7 +253,8 @@ def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, t
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                            "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+                                     placement_strategy=job.scaling.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=str(storage), callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_best,
