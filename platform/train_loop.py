@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -215,15 +216,25 @@ class LocalSession:
         self.loader: LocalLoader | None = None
 
     def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
-        """Ready batches: built by ``data.loader_workers`` persistent processes, or here when 0."""
+        """Ready batches: built by ``data.loader_workers`` persistent processes, or here when 0; with a
+        progress bar within the epoch on a terminal (never in logs)."""
         workers = self.job.data.loader_workers
         if workers == 0:
-            return (builder(rows, epoch) for rows in self.train_rows(epoch, batch_size))
-        if self.loader is None:
-            self.loader = LocalLoader(self.manifest, self.job.data.train_split, batch_size, builder, workers=workers,
-                                      limit=self.job.data.max_train_samples, shuffle_base=self.job.seed * 100003,
-                                      pin_memory=self.device.type == "cuda")
-        return self.loader.epoch(epoch)
+            batches = (builder(rows, epoch) for rows in self.train_rows(epoch, batch_size))
+        else:
+            if self.loader is None:
+                self.loader = LocalLoader(self.manifest, self.job.data.train_split, batch_size, builder,
+                                          workers=workers, limit=self.job.data.max_train_samples,
+                                          shuffle_base=self.job.seed * 100003, pin_memory=self.device.type == "cuda")
+            batches = self.loader.epoch(epoch)
+        if not sys.stderr.isatty():
+            return batches
+        from tqdm import tqdm
+
+        n = self.manifest.count(self.job.data.train_split)
+        n = min(n, self.job.data.max_train_samples or n)
+        return iter(tqdm(batches, total=math.ceil(n / batch_size), desc=f"epoch {epoch + 1}", unit="batch",
+                         leave=False, dynamic_ncols=True))
 
     def close(self) -> None:
         """Stop the loader's worker processes."""
