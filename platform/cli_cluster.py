@@ -1,4 +1,4 @@
-"""``flare cluster``, ``flare submit`` and ``flare jobs`` (issue 6): thin Typer shells over
+"""``flare cluster``, ``flare submit`` and ``flare jobs``: thin Typer shells over
 :mod:`flare.platform.local_head` and :mod:`flare.platform.ray_jobs`; ``flare.platform.cli`` adds ``cluster_app``, ``jobs_app`` and
 :func:`submit` to the main app.
 
@@ -81,13 +81,19 @@ def cluster_up(
     port: Annotated[int, typer.Option("--port", help="GCS port")] = 6379,
     dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="dashboard / Jobs API port")] = 8265,
     temp_dir: Annotated[Path | None, typer.Option("--temp-dir", help="Ray temp dir (default: a new "
-                                                     "/tmp/flare-ray-*)")] = None,
+                                                     "/tmp/flare-ray-*); `down` removes only what `up` "
+                                                     "created in it")] = None,
+    listen_all: Annotated[bool, typer.Option("--listen-all", help="listen on all interfaces, for a head "
+                                             "that other machines join (default: 127.0.0.1 only)")] = False,
 ) -> None:
-    """Start a local Ray head (dashboard on 127.0.0.1, token authentication on)."""
+    """Start a local Ray head (every listener on 127.0.0.1, token authentication on)."""
     from flare.platform.local_head import state_path, up
 
-    state = up(num_cpus=num_cpus, port=port, dashboard_port=dashboard_port, temp_dir=temp_dir, log=typer.echo)
+    state = up(num_cpus=num_cpus, port=port, dashboard_port=dashboard_port, temp_dir=temp_dir,
+               listen_all=listen_all, log=typer.echo)
     typer.echo(f"Ray head up: GCS {state.gcs_address}, {len(state.pids)} processes (state {state_path()})")
+    if listen_all:
+        typer.echo("listening on all interfaces: other machines can join with the auth token")
     typer.echo(f"auth token: {state.token_source}")
     typer.echo(f"dashboard: {state.dashboard_url}")
     typer.echo(f"submit with: flare submit train jobs/tiny.yaml --address {state.dashboard_url} --wait")
@@ -96,9 +102,9 @@ def cluster_up(
 @one_line_errors
 @_cluster_errors
 def cluster_down(
-    keep_logs: Annotated[bool, typer.Option("--keep-logs", help="keep the Ray temp dir with its logs")] = False,
+    keep_logs: Annotated[bool, typer.Option("--keep-logs", help="keep the Ray session with its logs")] = False,
 ) -> None:
-    """Stop exactly the processes `flare cluster up` started."""
+    """Stop exactly the processes `flare cluster up` started; remove only the files it created."""
     from flare.platform.local_head import down
 
     down(keep_logs=keep_logs, log=typer.echo)

@@ -1,10 +1,12 @@
-"""A local Ray head for trying cluster jobs: ``flare cluster up|down|status`` (issue 6).
+"""A local Ray head for trying cluster jobs: ``flare cluster up|down|status``.
 
-``up`` runs ``ray start --head`` (dashboard on 127.0.0.1, token authentication on) in a new process
-group and in its own Ray temp dir, so that plain ``ray.init()`` elsewhere on the machine never finds it.
-What it started is recorded in a state file (``$FLARE_CLUSTER_STATE``, default ``~/.flare/cluster.json``).
-``down`` stops exactly that process group and its descendants (never ``ray stop``, which kills every
-Ray process of the machine) and checks that none of them is left.
+``up`` runs ``ray start --head`` (token authentication on) in a new process group and in its own Ray
+temp dir, so that plain ``ray.init()`` elsewhere on the machine never finds it. By default every
+listener is on 127.0.0.1 (node IP, dashboard, metrics); ``listen_all`` is for a head other machines join.
+What it started, and what it created on disk, is recorded in a state file (``$FLARE_CLUSTER_STATE``,
+default ``~/.flare/cluster.json``). ``down`` stops exactly that process group and its descendants (never
+``ray stop``, which kills every Ray process of the machine), checks that none of them is left, and
+removes only the files and folders ``up`` created.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,10 @@ from flare.platform.ray_jobs import ClusterError, Token, default_token_path, fin
 
 START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 5.0
+LOOPBACK = "127.0.0.1"
+# Ray swaps a loopback --node-ip-address for the routable IP unless this is 0 (then its servers, metrics
+# exporter and agents bind to the loopback node IP); the variable name is Ray's
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass
@@ -43,6 +50,10 @@ class ClusterState:
     num_cpus: int | None
     token_source: str
     started_at: float
+    listen_all: bool = False  # True: node IP and dashboard on all interfaces (a head other machines join)
+    created_temp_dir: str = ""  # the top-most folder `up` created for the temp dir ("" when it existed)
+    created: dict[str, list[int]] = field(default_factory=dict)  # in a pre-existing temp dir: path -> [inode,
+    # mtime_ns] of each entry that appeared during `up` (its session dir, pointers, ray-start.log)
 
 
 def state_path() -> Path:
@@ -148,16 +159,20 @@ def ensure_token(log: Callable[[str], None]) -> Token:
 # ------------------------------------------------------------------------------------------ up/down
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _check_free(port: int, flag: str) -> None:
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse ``port`` if a server could not bind it on ``host`` now. Bound the way Ray's servers bind
+    (SO_REUSEADDR), so a connection of a stopped cluster lingering in TIME_WAIT does not count as in use;
+    a listening socket on the port still does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("", port))
+            s.bind((host, port))
         except OSError:
             raise ClusterError(f"port {port} is in use; choose another with {flag}") from None
 
@@ -179,29 +194,62 @@ def _running(state: ClusterState | None) -> bool:
     return state is not None and bool(cluster_processes(state))
 
 
+def _make_temp_dir(temp_dir: Path | None) -> tuple[Path, str]:
+    """The Ray temp dir, and the top-most folder created for it here ("" when it already existed)."""
+    if temp_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="flare-ray-"))
+        return tmp, str(tmp)
+    tmp = Path(temp_dir).expanduser().absolute()
+    if tmp.exists() and not tmp.is_dir():
+        raise ClusterError(f"--temp-dir {tmp}: not a directory")
+    missing = [d for d in (tmp, *tmp.parents) if not d.exists()]
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp, str(missing[-1]) if missing else ""
+
+
+def _new_entries(tmp: Path, before: set[str], session_dir: str) -> dict[str, list[int]]:
+    """path -> [inode, mtime_ns] of the entries of ``tmp`` that appeared since ``before``, without the
+    session dirs of other Ray heads that share the temp dir."""
+    out = {}
+    for name in sorted(set(os.listdir(tmp)) - before):
+        path = tmp / name
+        st = path.lstat()
+        if name.startswith("session_") and stat.S_ISDIR(st.st_mode) and str(path) != session_dir:
+            continue
+        out[str(path)] = [st.st_ino, st.st_mtime_ns]
+    return out
+
+
 def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
-       temp_dir: Path | None = None, log: Callable[[str], None] = print) -> ClusterState:
+       temp_dir: Path | None = None, listen_all: bool = False,
+       log: Callable[[str], None] = print) -> ClusterState:
     """Start a local Ray head with token authentication and record it (see the module docstring)."""
     path = state_path()
     old = load_state(path)
     if _running(old):
         raise ClusterError(f"a cluster started by flare is already up at {old.dashboard_url} (state {path}); "
                            "run `flare cluster down` first")
-    _check_free(port, "--port")
-    _check_free(dashboard_port, "--dashboard-port")
+    host = "" if listen_all else LOOPBACK
+    check_port_free(host, port, "--port")
+    check_port_free(host, dashboard_port, "--dashboard-port")
     token = ensure_token(log)
-    tmp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="flare-ray-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    agent_port = _free_port()
-    cmd = [str(ray_executable()), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+    tmp, created_temp_dir = _make_temp_dir(temp_dir)
+    before = set() if created_temp_dir else set(os.listdir(tmp))
+    agent_port = _free_port(host)
+    cmd = [str(ray_executable()), "start", "--head", "--port", str(port),
+           "--dashboard-host", "0.0.0.0" if listen_all else LOOPBACK,
            "--dashboard-port", str(dashboard_port), "--include-dashboard", "true", "--temp-dir", str(tmp),
-           "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(_free_port(host)),
            "--disable-usage-stats"]
+    if not listen_all:
+        cmd += ["--node-ip-address", LOOPBACK]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     # token mode always; the venv first on PATH so that jobs' `python` is this environment's
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if not listen_all:
+        env.update(LOCAL_ONLY_ENV)
     start_log = tmp / "ray-start.log"
     with open(start_log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -214,7 +262,8 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
             rc = None
     state = ClusterState(pgid=proc.pid, pids=[], temp_dir=str(tmp), session_dir="", gcs_address="",
                          dashboard_url=f"http://127.0.0.1:{dashboard_port}", num_cpus=num_cpus,
-                         token_source=token.source, started_at=time.time())
+                         token_source=token.source, started_at=time.time(), listen_all=listen_all,
+                         created_temp_dir=created_temp_dir)
     if rc != 0:
         _stop(state)
         lines = [ln for ln in start_log.read_text().splitlines() if ln.strip()]
@@ -223,6 +272,8 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     state.session_dir = str((tmp / "session_latest").resolve())
     state.gcs_address = (tmp / "ray_current_cluster").read_text().strip()
     state.pids = cluster_processes(state)
+    if not created_temp_dir:
+        state.created = _new_entries(tmp, before, state.session_dir)
     _save_state(state, path)
     try:
         _wait_ready(state, token, agent_port)
@@ -279,9 +330,30 @@ def down(keep_logs: bool = False, log: Callable[[str], None] = print) -> list[in
     if keep_logs:
         log(f"logs kept in {state.session_dir}/logs")
     else:
-        shutil.rmtree(state.temp_dir, ignore_errors=True)
+        remove_created(state)
     log(f"stopped {len(stopped)} processes of the cluster at {state.dashboard_url}")
     return stopped
+
+
+def remove_created(state: ClusterState) -> None:
+    """Remove what ``up`` created: the temp dir if it made it, else the entries it recorded inside, each only
+    while it is still the same one (same inode; a file or link also unchanged), never anything outside."""
+    if state.created_temp_dir:
+        shutil.rmtree(state.created_temp_dir, ignore_errors=True)
+        return
+    root = Path(state.temp_dir)
+    for name, (inode, mtime_ns) in state.created.items():
+        entry = Path(name)
+        try:
+            st = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if entry.parent != root or st.st_ino != inode:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif st.st_mtime_ns == mtime_ns:
+            entry.unlink(missing_ok=True)
 
 
 def status() -> dict[str, Any]:

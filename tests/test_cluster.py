@@ -1,24 +1,31 @@
-"""Cluster jobs with real processes (issue 6): ``flare cluster up``, ``flare submit --wait`` of a tiny
-prepare + train job into a sqlite MLflow, ``flare jobs``, connectivity and auth errors, and
-``flare cluster down`` leaving none of the cluster's processes alive.
+"""Cluster jobs with real processes: ``flare cluster up`` (every listener on 127.0.0.1), ``flare submit
+--wait`` of a tiny prepare + train job into a sqlite MLflow, ``flare jobs``, connectivity and auth errors,
+and ``flare cluster down`` leaving none of the cluster's processes alive and removing only what ``up``
+created in the temp dir.
 
 The cluster gets its own HOME, state file and token file (``RAY_AUTH_TOKEN_PATH``) under tmp, so the
-user's ``~/.ray`` and ``~/.flare`` are never touched. It is always stopped (fixture finaliser).
+user's ``~/.ray`` and ``~/.flare`` are never touched, and a pre-existing temp dir (short path under /tmp:
+Ray's socket paths must fit 107 bytes) holding a user file and another session. It is always stopped
+(fixture finaliser).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from flare.platform.local_head import check_port_free
 from flare.platform.ray_jobs import ClusterError, entrypoint, find_token, stage_package
 
 FLARE = [str(Path(sys.executable).parent / "flare")]
@@ -67,6 +74,42 @@ def group_and_descendants(pgid: int) -> set[int]:
     return found
 
 
+def listeners(pids: set[int]) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket of ``pids`` and their descendants (IPv4-mapped IPv6
+    addresses as IPv4)."""
+    import ray  # noqa: F401, I001  (puts Ray's bundled psutil on sys.path)
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    found = set()
+    for proc in procs.values():
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        found |= {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+# listeners of `flare cluster up` on other than 127.0.0.1: none. With the loopback node IP, Ray binds its
+# gRPC servers, agents and Prometheus metrics exporter (on all interfaces otherwise) to 127.0.0.1 as well.
+PUBLIC_LISTENERS: set[tuple[str, int]] = set()
+
+
+def assert_loopback_only(pids: set[int]) -> set[tuple[str, int]]:
+    found = listeners(pids)
+    public = {(ip, port) for ip, port in found if not ipaddress.ip_address(ip).is_loopback}
+    assert public == PUBLIC_LISTENERS, f"listening beyond 127.0.0.1: {sorted(public)}"
+    assert {ip for ip, _ in found} == {"127.0.0.1"}, sorted(found)
+    return found
+
+
 def one_error_line(r: subprocess.CompletedProcess) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -83,21 +126,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
                RAY_AUTH_TOKEN_PATH=str(home / "token"))
     real_token = Path.home() / ".ray" / "auth_token"
     real_before = real_token.stat().st_mtime_ns if real_token.exists() else None
-    dashboard = free_port()
-    r = flare(["cluster", "up", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-port", str(dashboard)],
-              env)
+    temp_dir = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))  # pre-existing, with things of others
+    (temp_dir / "user-file.txt").write_text("not flare's\n")
+    (temp_dir / "session_2020-01-01_00-00-00_000000_1").mkdir()
+    (temp_dir / "session_2020-01-01_00-00-00_000000_1" / "log.txt").write_text("another Ray session\n")
+    dashboard, gcs = free_port(), free_port()
+    r = flare(["cluster", "up", "--num-cpus", "2", "--port", str(gcs), "--dashboard-port", str(dashboard),
+               "--temp-dir", str(temp_dir)], env)
     state_file = home / "flare" / "cluster.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"dashboard: http://127.0.0.1:{dashboard}" in r.stdout
         yield {"env": env, "url": f"http://127.0.0.1:{dashboard}", "state": state, "home": home,
-               "real_token": (real_token, real_before)}
+               "real_token": (real_token, real_before), "ports": (gcs, dashboard), "temp_dir": temp_dir}
     finally:
         if state_file.exists():
             flare(["cluster", "down"], env, timeout=60)
         if state is not None and living(group_and_descendants(state["pgid"])):
             os.killpg(state["pgid"], signal.SIGKILL)  # last resort: this group is the one this test started
+        shutil.rmtree(temp_dir, ignore_errors=True)  # made by this test
 
 
 def test_up_uses_isolated_token(cluster) -> None:
@@ -112,6 +160,13 @@ def test_up_uses_isolated_token(cluster) -> None:
     r = flare(["cluster", "status"], cluster["env"])
     info = json.loads(r.stdout)
     assert r.returncode == 0 and info["up"] and info["resources"]["CPU"]["total"] == 2.0
+
+
+def test_every_listener_is_on_loopback(cluster) -> None:
+    state = cluster["state"]
+    assert state["gcs_address"] == f"127.0.0.1:{cluster['ports'][0]}" and not state["listen_all"]
+    found = assert_loopback_only(set(state["pids"]))
+    assert {("127.0.0.1", port) for port in cluster["ports"]} <= found and len(found) >= 5  # + agents, client
 
 
 def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
@@ -152,7 +207,7 @@ def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
 
 
 def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> None:
-    """Issue 5 on a cluster: `flare submit tune` runs the ASHA search as a job on the head (the driver
+    """`flare submit tune` runs the ASHA search as a job on the head (the driver
     attaches to that cluster through RAY_ADDRESS); its parent/child runs and the champion land in the
     MLflow of the submitting shell."""
     env, url = cluster["env"], cluster["url"]
@@ -228,18 +283,71 @@ def test_missing_and_wrong_token(cluster, tmp_path: Path) -> None:
 
 
 def test_down_leaves_no_process(cluster) -> None:
-    state = cluster["state"]
+    state, env, temp_dir = cluster["state"], cluster["env"], cluster["temp_dir"]
     running = group_and_descendants(state["pgid"])
     assert set(state["pids"]) <= running and living(running)
-    r = flare(["cluster", "down"], cluster["env"], timeout=60)
+    assert_loopback_only(running)  # also the job drivers and workers the other tests started
+    assert state["created_temp_dir"] == "" and Path(state["session_dir"]).parent == temp_dir
+    assert {Path(p).name for p in state["created"]} >= {Path(state["session_dir"]).name, "ray-start.log"}
+    r = flare(["cluster", "down"], env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert living(running | set(state["pids"]) | group_and_descendants(state["pgid"])) == set()
-    assert not Path(cluster["env"]["FLARE_CLUSTER_STATE"]).exists() and not Path(state["temp_dir"]).exists()
-    r = flare(["cluster", "status"], cluster["env"])
+    assert not Path(env["FLARE_CLUSTER_STATE"]).exists()
+    # the pre-existing temp dir keeps what was there before `up`; what `up` created is gone
+    assert sorted(p.name for p in temp_dir.iterdir()) == ["session_2020-01-01_00-00-00_000000_1", "user-file.txt"]
+    assert (temp_dir / "user-file.txt").read_text() == "not flare's\n"
+    r = flare(["cluster", "status"], env)
     assert r.returncode == 1 and json.loads(r.stdout)["up"] is False
+
+    # up again at once on the same ports (the old sockets may linger in TIME_WAIT), in a temp dir flare makes
+    gcs, dashboard = cluster["ports"]
+    r = flare(["cluster", "up", "--num-cpus", "1", "--port", str(gcs), "--dashboard-port", str(dashboard)], env)
+    again = json.loads(Path(env["FLARE_CLUSTER_STATE"]).read_text()) if r.returncode == 0 else None
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert again["created_temp_dir"] == again["temp_dir"] and Path(again["temp_dir"]).is_dir()
+        r = flare(["cluster", "down"], env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert not Path(again["temp_dir"]).exists()  # flare made it: removed
+    finally:
+        if again is not None and living(group_and_descendants(again["pgid"])):
+            os.killpg(again["pgid"], signal.SIGKILL)  # last resort: this group is the one this test started
 
 
 # ------------------------------------------------------------------------------ no cluster needed
+
+
+def _time_wait_ports() -> set[int]:
+    """Local ports of the IPv4 TCP sockets in TIME_WAIT (state 06 of /proc/net/tcp)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {int(r.split()[1].rsplit(":", 1)[1], 16) for r in rows if r.split()[3] == "06"}
+
+
+def test_port_check_ignores_time_wait() -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("reads /proc/net/tcp (Linux)")
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+            assert client.recv(1) == b""
+    deadline = time.monotonic() + 10
+    while port not in _time_wait_ports():
+        assert time.monotonic() < deadline, f"no TIME_WAIT socket on port {port}"
+        time.sleep(0.05)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", port))  # a plain bind (the old check) calls the port busy
+    check_port_free("127.0.0.1", port, "--port")  # free for a server (SO_REUSEADDR), as Ray's bind it
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        with pytest.raises(ClusterError, match=f"^port {port} is in use; choose another with --port$"):
+            check_port_free("127.0.0.1", port, "--port")
 
 
 def test_token_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,11 +381,16 @@ def test_entrypoint_and_shipped_package(tmp_path: Path) -> None:
 
 def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
     """The cluster gets the code, not the data: a relative data path is refused before anything is sent."""
+    import typer.main
+
+    from flare.platform.cli import app
     from flare.platform.ray_jobs import check_cluster_paths
+
+    cli = typer.main.get_command(app)
 
     def refused(command: str, args: list[str]) -> str:
         with pytest.raises(ClusterError) as info:
-            check_cluster_paths(command, args, ROOT)
+            check_cluster_paths(command, args, cli, ROOT)
         msg = str(info.value)
         assert "\n" not in msg and "use an absolute path or a URI that the cluster sees" in msg
         return msg
@@ -299,4 +412,4 @@ def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
                           ("prepare", ["--format", "synthetic", "--out", str(tmp_path / "d"), "--no-ray"]),
                           ("eval", ["models:/m@champion", "--data", "/shared/300w", "--out", str(tmp_path)]),
                           ("train", ["jobs/no-such-spec.yaml"])]:  # not here to read: the job reports it
-        check_cluster_paths(command, args, ROOT)
+        check_cluster_paths(command, args, cli, ROOT)
