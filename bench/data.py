@@ -11,7 +11,7 @@ pasted and downscaled to 64 (``_generate_pointmap``), and the edge maps rendered
 
 The parallel loader case (``platform/local_loader.py``) times whole epochs of ready batches in wall-clock
 seconds with 1 and then 2 worker processes (persistent workers, started before the clock), rounds
-interleaved, and prints the 2-vs-1 ratio (target >= 1.6x on 2 cores).
+interleaved in ABBA order, and prints the 2-vs-1 ratio (target >= 1.6x on 2 cores).
 
 Usage: ``python bench/data.py [--data DIR] [--count 200] [--min-time 2.0] [--baseline-samples 100]
 [--only stages|loader] [--rounds 2]``.
@@ -209,8 +209,9 @@ def loader_scaling(manifest: Manifest, split: str, batch: int, rounds: int,
         for w, loader in loaders.items():
             for _ in loader.epoch(0):  # warm-up: worker start, table read
                 pass
-        for r in range(rounds):
-            for w, loader in loaders.items():
+        for r in range(rounds):  # ABBA order: a load drift on the shared host hits both counts alike
+            for w in (workers if r % 2 == 0 else workers[::-1]):
+                loader = loaders[w]
                 t0 = time.perf_counter()
                 samples[w] += sum(len(b["image"]) for b in loader.epoch(r + 1))
                 seconds[w] += time.perf_counter() - t0
