@@ -1,0 +1,153 @@
+"""flare against an MLflow tracking server as users deploy it: ``mlflow server`` on 127.0.0.1 with a
+database backend store and proxied artifacts (artifacts travel over HTTP). The server is stopped and
+started again while metrics are logged: nothing is lost and training does not die."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+FLARE = str(Path(sys.executable).parent / "flare")
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ``mlflow server`` process group on 127.0.0.1; ``stop``/``start`` keep its store and port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)  # polling a condition with a deadline, not synchronising on a guess
+        raise TimeoutError(f"mlflow server did not answer on {self.uri}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the workers it started, by group
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+
+@pytest.fixture()
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    srv = Server(tmp_path)
+    srv.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_epochs_buffered_while_the_server_is_down_are_sent_after(server: Server,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from flare.platform.tracking import EpochLogger
+
+    client = MlflowClient(server.uri)
+    exp = client.create_experiment("blink")
+    run = client.create_run(exp).info.run_id
+    logger = EpochLogger(server.uri, run)
+    assert logger.log({"val_nme": 0.5, "train_total": 3.0}, 0)
+    server.stop()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of MLflow's own retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    assert logger.log({"val_nme": 0.4, "train_total": 2.0}, 1)  # buffered, training goes on
+    assert sorted(logger.pending) == [1]
+    server.start()
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # MLflow's own retries again (a stale connection)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    assert logger.log({"val_nme": 0.3, "train_total": 1.0}, 2)
+    assert not logger.pending
+    logger.flush(timeout_s=5)
+    history = MlflowClient(server.uri).get_metric_history(run, "val_nme")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.4), (2, 0.3)]
+    assert not logger.log({"val_nme": 9.9}, 1)  # an epoch is logged once, whatever happens
+
+
+def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Server, small_300w: Path,
+                                                                  test_data: Path, tmp_path: Path) -> None:
+    """``flare train`` logs over HTTP (driver and rank 0); the server is down for 20 s during epoch 2; the run
+    still ends FINISHED with every epoch logged once and its model registered; then the registry, ``models
+    pull``, ``predict models:/`` and ``eval`` work against the same server."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    env.pop("RAY_ADDRESS", None)
+    epochs = 3
+    proc = subprocess.Popen(
+        [FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
+         "--set", f"data.manifest={small_300w / 'manifest.json'}", "--set", f"optimizer.epochs={epochs}",
+         "--set", "mlflow.registered_model=served", "--set", "mlflow.experiment=served",
+         "--set", "data.max_train_samples=32", "--set", "data.max_val_samples=8"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(server.uri)
+    deadline = time.monotonic() + 600
+    run_id = None
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for epoch 1 to be logged
+        exp = client.get_experiment_by_name("served")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_nme"):
+            run_id = runs[0].info.run_id
+            break
+        time.sleep(1.0)
+    assert run_id is not None, proc.communicate()[0][-3000:]
+    server.stop()
+    down_at = time.monotonic()
+    time.sleep(20)  # the outage itself: the server is away for 20 s, whatever training does meanwhile
+    server.start()
+    up_at = time.monotonic()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    print(f"tracking server down for {up_at - down_at:.0f} s during epoch 2; training went on and ended "
+          f"{time.monotonic() - up_at:.0f} s after the server was back")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_nme")]
+    assert sorted(steps) == list(range(epochs)), steps  # every epoch exactly once
+    assert [str(v.version) for v in client.search_model_versions("name = 'served'")] == ["1"]
+
+    pulled = tmp_path / "pulled"
+    r = subprocess.run([FLARE, "models", "pull", "served/1", "--out", str(pulled)], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    img = sorted((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))[0]
+    r = subprocess.run([FLARE, "predict", str(img), "--model", "models:/served/1", "--out", str(tmp_path / "pred"),
+                        "--no-detect"], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())["faces"][0]) == 68
+    r = subprocess.run([FLARE, "eval", "models:/served/1", "--data", str(small_300w), "--split", "test"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert 0 < json.loads(r.stdout)["nme"] < 10
