@@ -142,7 +142,7 @@ def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Serve
     r = subprocess.run([FLARE, "models", "pull", "served/1", "--out", str(pulled)], env=env, cwd=tmp_path,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
-    img = sorted((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))[0]
+    img = min((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))
     r = subprocess.run([FLARE, "predict", str(img), "--model", "models:/served/1", "--out", str(tmp_path / "pred"),
                         "--no-detect"], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
