@@ -72,6 +72,7 @@ def _follow_and_exit(conn, job_id: str) -> None:
 cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head for trying cluster jobs.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
 
+
 @cluster_app.command("up")
 @one_line_errors
 @_cluster_errors
@@ -98,6 +99,7 @@ def cluster_up(
     typer.echo(f"dashboard: {state.dashboard_url}")
     typer.echo(f"submit with: flare submit train jobs/tiny.yaml --address {state.dashboard_url} --wait")
 
+
 @cluster_app.command("down")
 @one_line_errors
 @_cluster_errors
@@ -108,6 +110,7 @@ def cluster_down(
     from flare.platform.local_head import down
 
     down(keep_logs=keep_logs, log=typer.echo)
+
 
 @cluster_app.command("status")
 @one_line_errors
@@ -120,6 +123,7 @@ def cluster_status() -> None:
     typer.echo(json.dumps(info, indent=2, sort_keys=True))
     if not info["up"]:
         raise typer.Exit(1)
+
 
 @one_line_errors
 @_cluster_errors
@@ -134,16 +138,20 @@ def submit(
 ) -> None:
     """Run `flare prepare|train|tune|eval ARGS...` as a Ray job, shipping this project's code. Put
     `--` before ARGS that are named like this command's own options (--address, --wait)."""
-    from flare.platform.ray_jobs import entrypoint
+    import click
+
+    from flare.platform.ray_jobs import check_cluster_paths, entrypoint
     from flare.platform.ray_jobs import submit as submit_job
 
-    entrypoint(command, list(args or []))  # a bad command fails before connecting
+    entrypoint(command, list(args or []))  # a bad command or a relative data path fails before connecting
+    check_cluster_paths(command, list(args or []), click.get_current_context().find_root().command)
     conn = _connect(address)
     job_id = submit_job(conn, command, list(args or []))
     typer.echo(f"submitted {job_id}")
     typer.echo(f"dashboard: {conn.job_url(job_id)}")
     if wait:
         _follow_and_exit(conn, job_id)
+
 
 @jobs_app.command("list")
 @one_line_errors
@@ -155,6 +163,7 @@ def jobs_list(address: AddressOpt = None) -> None:
     for row in list_jobs(_connect(address)):
         typer.echo(f"{row['id']}\t{row['status']}\t{row['entrypoint']}")
 
+
 @jobs_app.command("status")
 @one_line_errors
 @_cluster_errors
@@ -163,6 +172,7 @@ def jobs_status(job_id: Annotated[str, typer.Argument()], address: AddressOpt = 
     from flare.platform.ray_jobs import job_status
 
     typer.echo(json.dumps(job_status(_connect(address), job_id), indent=2, sort_keys=True))
+
 
 @jobs_app.command("logs")
 @one_line_errors
@@ -180,6 +190,7 @@ def jobs_logs(
     if follow:
         _follow_and_exit(conn, job_id)
     _write(job_logs(conn, job_id))
+
 
 @jobs_app.command("stop")
 @one_line_errors

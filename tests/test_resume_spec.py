@@ -51,7 +51,7 @@ def test_no_ray_resume_with_other_channels_is_one_line(small_300w: Path, tmp_pat
             "--set", "data.max_train_samples=16", "--set", "data.max_val_samples=8"]
     res = CliRunner().invoke(app, ["train", *base])
     assert res.exit_code == 0, res.output
-    assert [ln for ln in res.output.splitlines() if ln.startswith("epoch ")][0].startswith("epoch 1/1  train loss")
+    assert next(ln for ln in res.output.splitlines() if ln.startswith("epoch ")).startswith("epoch 1/1  train loss")
     res = CliRunner().invoke(app, ["train", *base, "--resume", "last", "--set", "model.channels=32"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [res.output.strip()] and "in model.channels;" in res.output
