@@ -134,13 +134,13 @@ def decide_champion(name: str, version: str, new_nme: float, split_key: str | No
     """Point ``champion`` at ``version`` if there is none, or if ``new_nme`` is strictly lower than the
     champion's val NME measured on the same validation split. Returns (promoted, the printed line)."""
     champ = version_info(name, "champion", tracking_uri)
-    head = f"{name} v{version}: val NME {new_nme:.6f}"
+    head = f"{name} v{version}: val NME {100 * new_nme:.3f}%"
     if champ is None:
         promote(name, version, "champion", tracking_uri)
         return True, f"{head}; no champion yet -> champion = v{version}"
     old = champ["tags"].get("val_nme")
     old_key = champ["tags"].get("flare.val_split") or _run_split_key(champ["run_id"], tracking_uri)
-    head += f"; champion v{champ['version']}: val NME {float(old):.6f}" if old is not None else \
+    head += f"; champion v{champ['version']}: val NME {100 * float(old):.3f}%" if old is not None else \
         f"; champion v{champ['version']}: val NME unknown"
     if old is None or split_key is None or old_key != split_key:
         return False, f"{head} on a different validation split -> not comparable, champion stays v{champ['version']}"
