@@ -1,4 +1,4 @@
-"""``flare data prepare``: original benchmark formats -> Parquet shards + ``manifest.json`` (issue 3).
+"""``flare data prepare``: original benchmark formats -> Parquet shards + ``manifest.json``.
 
 Per face: a loose crop (JPEG), landmarks in crop pixels, the crop -> source matrix, the boundary
 heatmaps (method.md 7.1) and the label-smoothing covariance Sigma_M (method.md 6.3), computed once.
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,15 +24,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flare.datasets.records import DataError, FaceRecord, crop_center_scale
+from flare.datasets.records import (
+    DEFAULT_MAX_PIXELS,
+    DataError,
+    FaceRecord,
+    FileImage,
+    check_pixels,
+    crop_center_scale,
+    read_image_bgr,
+)
 from flare.datasets.shards import CANONICAL, EDGE_SIZE, IMAGE_SIZE, LOOSE_FACTOR, SCHEMA_VERSION, row_schema
 from flare.datasets.targets import edge_heatmaps
+from flare.files import check_replaceable, new_temp_dir, replace_dir
 from flare.losses.smoothing import landmark_covariance
 from flare.models.layouts import Layout, get_layout
 
 ROWS_PER_SHARD = 512
 JPEG_QUALITY = 95
 SPLITS = ("train", "val", "test")
+CROP_REACH = 4.0  # crop landmarks beyond this many crop sides outside the crop mean centre/scale do not fit
+TASK_RETRIES = 2  # a Ray data task whose worker dies is retried this often, then the prepare fails
+WRITTEN_BY = "flare data prepare"
 
 
 class PrepareError(RuntimeError):
@@ -49,6 +60,7 @@ class PrepareOptions:
     on_error: str = "fail"  # "fail" | "skip"
     smoothing_k: int = 7
     rows_per_shard: int = ROWS_PER_SHARD
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images over this many pixels are refused from the header
 
 
 def assign_validation(records: Sequence[FaceRecord], fraction: float, seed: int) -> list[str]:
@@ -100,17 +112,35 @@ def smoothing_covariance(edges: np.ndarray, points: np.ndarray, k: int) -> np.nd
     return (cov_hm / to_hm**2).astype(np.float32)
 
 
-def process_record(record: FaceRecord, split: str, layout: Layout, k: int) -> dict[str, Any]:
-    """One face -> one shard row (the dict of :func:`row_schema` columns). Raises DataError."""
+def load_capped(record: FaceRecord, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The record's image; a file over ``max_pixels`` is refused from its header, before decoding."""
+    if isinstance(record.image, FileImage):
+        return read_image_bgr(record.image.path, max_pixels)
     image = record.load_image()
+    check_pixels(record.source, image.shape[1], image.shape[0], max_pixels)
+    return image
+
+
+def process_record(
+    record: FaceRecord, split: str, layout: Layout, k: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> dict[str, Any]:
+    """One face -> one shard row (the dict of :func:`row_schema` columns). Raises DataError."""
+    image = load_capped(record, max_pixels)
     center, scale = crop_center_scale(record)
-    if not (np.isfinite(scale) and scale > 0):
-        raise DataError(record.source, None, f"degenerate face box (scale={scale})")
+    side, limit = 200.0 * scale, 10.0 * max(image.shape[:2])
+    if not (np.all(np.isfinite(center)) and np.isfinite(side) and 1.0 <= side <= limit):
+        raise DataError(record.source, None, f"degenerate face box (scale={scale:g}: a {side:g} px box, "
+                        f"allowed 1 to {limit:g} px)")
     m = loose_crop_matrix(np.asarray(center, dtype=np.float64), float(scale))
-    crop = warp_loose_crop(image, m)
     pts = record.landmarks @ m[:2, :2].T + m[:2, 2]
     if pts.shape != (layout.num_points, 2) or not np.all(np.isfinite(pts)):
         raise DataError(record.source, None, f"expected {layout.num_points} finite points, got {pts.shape}")
+    reach = CROP_REACH * IMAGE_SIZE
+    if np.any(pts < -reach) or np.any(pts > IMAGE_SIZE + reach):
+        far = pts[np.argmax(np.abs(pts - IMAGE_SIZE / 2).max(axis=1))]
+        raise DataError(record.source, None, f"a landmark maps to ({far[0]:.3g}, {far[1]:.3g}) in the {IMAGE_SIZE} px "
+                        "crop: the face centre/scale do not fit the landmarks")
+    crop = warp_loose_crop(image, m)
     edges = edge_heatmaps(pts, layout, size=IMAGE_SIZE, out=EDGE_SIZE)
     edges_u8 = np.clip(np.rint(edges * 255.0), 0, 255).astype(np.uint8)
     cov = smoothing_covariance(edges_u8.astype(np.float32) / 255.0, pts, k)
@@ -129,7 +159,7 @@ def process_record(record: FaceRecord, split: str, layout: Layout, k: int) -> di
         "image_size": IMAGE_SIZE,
         "landmarks": pts.astype(np.float32).ravel().tolist(),
         "matrix": np.linalg.inv(m).ravel().tolist(),
-        "box": np.asarray(record.box, np.float32).ravel().tolist(),
+        "box": _float32(record.box),
         "attributes": json.dumps({k2: int(v) for k2, v in sorted(record.attributes.items())}),
         "occlusion": np.asarray(occ, np.uint8).ravel().tolist(),
         "edges": edges_u8.tobytes(),
@@ -137,13 +167,21 @@ def process_record(record: FaceRecord, split: str, layout: Layout, k: int) -> di
     }
 
 
-def _process_batch(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> list[dict]:
+def _float32(values: np.ndarray) -> list[float]:
+    """float32 values as a list; an overflow becomes inf (quietly), which the shard writer refuses."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, np.float32).ravel().tolist()
+
+
+def _process_batch(
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+) -> list[dict]:
     """Rows for a batch; a failing face becomes a row whose ``error`` names its file, so the driver
     decides between fail and skip. Good rows have ``error = None``."""
     out = []
     for rec, split in zip(records, splits):
         try:
-            row = process_record(rec, split, layout, k)
+            row = process_record(rec, split, layout, k, max_pixels)
             row["error"] = None
         except DataError as err:
             row = {"sample_id": rec.sample_id, "error": str(err)}
@@ -157,13 +195,18 @@ def _batch_schema() -> pa.Schema:
     return row_schema().append(pa.field("error", pa.string()))
 
 
-def _rows_local(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> Iterator[dict]:
+def _rows_local(
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+) -> Iterator[dict]:
     for i in range(0, len(records), 16):
-        yield from _process_batch(records[i : i + 16], splits[i : i + 16], layout, k)
+        yield from _process_batch(records[i : i + 16], splits[i : i + 16], layout, k, max_pixels)
 
 
-def _rows_ray(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int) -> Iterator[dict]:
-    """Parallel over images with Ray Data, yielded in input order (``preserve_order``)."""
+def _rows_ray(
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+) -> Iterator[dict]:
+    """Parallel over images with Ray Data, yielded in input order (``preserve_order``). A task whose worker
+    dies is retried TASK_RETRIES times, then the prepare fails with one line."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -174,12 +217,19 @@ def _rows_ray(records: Sequence[FaceRecord], splits: Sequence[str], layout: Layo
     def fn(batch: dict[str, np.ndarray]) -> pa.Table:
         recs = ray.get(recs_ref)
         idx = [int(i) for i in batch["idx"]]
-        rows = _process_batch([recs[i] for i in idx], [splits[i] for i in idx], layout, k)
+        rows = _process_batch([recs[i] for i in idx], [splits[i] for i in idx], layout, k, max_pixels)
         return pa.Table.from_pylist(rows, schema=schema)
 
-    ds = ray.data.from_items([{"idx": i} for i in range(len(records))]).map_batches(fn, batch_size=8)
-    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
-        yield from batch.to_pylist()
+    with warnings.catch_warnings():  # Ray 2.60 names no replacement for the task's max_retries yet
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ray.data.from_items([{"idx": i} for i in range(len(records))]).map_batches(
+            fn, batch_size=8, max_retries=TASK_RETRIES)
+    try:
+        for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+    except ray.exceptions.RayError as err:  # per-face errors are rows; this is a crashed or lost worker
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise PrepareError(f"a data task failed {TASK_RETRIES + 1} times ({type(err).__name__}: {first})") from None
 
 
 def _sha256(path: Path) -> str:
@@ -199,6 +249,11 @@ class _ShardWriter:
         self.shards: list[dict] = []
 
     def add(self, row: dict) -> None:
+        """Buffer ``row``; a non-finite landmark, covariance, matrix or box is refused (DataError naming
+        the sample id), whatever produced the row."""
+        for col in ("landmarks", "cov", "matrix", "box"):
+            if not np.all(np.isfinite(np.asarray(row[col], dtype=np.float32 if col != "matrix" else np.float64))):
+                raise DataError(row["sample_id"], None, f"non-finite {col} in the shard row; not written")
         self.buffer.append(row)
         if len(self.buffer) >= self.rows_per_shard:
             self.flush()
@@ -223,34 +278,44 @@ def write_dataset(
     engine: str = "ray",
     overwrite: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    inputs: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Process ``records`` and write shards + manifest atomically into ``out`` (temp dir, rename).
+    """Process ``records`` and write shards + manifest atomically into ``out`` (temp dir, then a swap).
 
-    Refuses an existing ``out`` unless ``overwrite``; on failure nothing that looks like a dataset is left.
+    An existing ``out`` is replaced only with ``overwrite``, and only when flare wrote it or it is empty,
+    never when it is or holds one of ``inputs`` (:func:`flare.files.check_replaceable`). On failure the
+    old ``out`` is kept and nothing that looks like a dataset is left.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
+    check_replaceable(out, inputs, overwrite, is_flare_dataset)
+    if options.max_pixels is not None and options.max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {options.max_pixels}")
     if options.on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {options.on_error!r}")
     skipped_list = [{"item": str(a), "reason": str(b)} for a, b in skipped]
     if skipped_list and options.on_error == "fail":
         raise DataError(skipped_list[0]["item"], None, skipped_list[0]["reason"])
     splits = assign_validation(records, options.val_fraction, options.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_temp_dir(out)
     try:
         writers = {s: _ShardWriter(tmp, s, options.rows_per_shard) for s in SPLITS}
-        rows = (_rows_ray if engine == "ray" else _rows_local)(records, splits, layout, options.smoothing_k)
+        rows = (_rows_ray if engine == "ray" else _rows_local)(records, splits, layout, options.smoothing_k,
+                                                                options.max_pixels)
         counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
         for row in rows:
             error = row.pop("error", None)
+            if error is None:
+                try:
+                    writers[row["split"]].add(row)
+                except DataError as err:
+                    if options.on_error == "fail":
+                        raise
+                    error = str(err)
             if error is not None:
                 if options.on_error == "fail":
                     raise PrepareError(error)
                 skipped_list.append({"item": row["sample_id"], "reason": error})
                 continue
-            writers[row["split"]].add(row)
             counts[row["split"]]["all"] += 1
             for sub in row["subsets"]:
                 counts[row["split"]][sub] += 1
@@ -278,7 +343,7 @@ def write_dataset(
             "skipped": skipped_list,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out, overwrite)
+        replace_dir(tmp, out, overwrite, inputs, WRITTEN_BY, is_flare_dataset)
         log(f"wrote {sum(s['rows'] for s in shards)} faces in {len(shards)} shards to {out}")
         return manifest
     except BaseException:
@@ -286,17 +351,13 @@ def write_dataset(
         raise
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` into place; an old dataset is replaced whole, never mixed."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def is_flare_dataset(directory: Path) -> bool:
+    """A prepared dataset from before the ``.flare-output`` marker: its manifest.json is flare's."""
+    try:
+        data = json.loads((Path(directory) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "layout", "shards", "source"} <= data.keys()
 
 
 def prepare(
@@ -313,8 +374,8 @@ def prepare(
     from flare.datasets.readers import read_dataset
     from flare.datasets.synthetic import generate_synthetic
 
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it whole")
+    inputs = [] if fmt == "synthetic" else [Path(root)]
+    check_replaceable(Path(out), inputs, overwrite, is_flare_dataset)
     if fmt == "synthetic":
         n_test = max(1, synthetic_count // 5)
         records = generate_synthetic(synthetic_count, layout_points=68, seed=options.seed, split="train") + \
@@ -332,4 +393,4 @@ def prepare(
     source = {"format": fmt, "root": str(root) if fmt != "synthetic" else "synthetic", "synthetic": fmt == "synthetic"}
     if fmt == "synthetic":
         source["count"] = synthetic_count
-    return write_dataset(records, Path(out), layout, options, source, skipped, engine, overwrite, log)
+    return write_dataset(records, Path(out), layout, options, source, skipped, engine, overwrite, log, inputs)

@@ -13,6 +13,7 @@ from flare.datasets.reader_common import (
     SPLITS,
     Errors,
     ReadResult,
+    check_center_scale,
     check_inside,
     parse_float,
     read_text_lines,
@@ -130,7 +131,7 @@ def _tsv_face(
         raise DataError(path, no, f"{len(points)} landmarks match no known dataset; pass dataset=")
     scale = parse_float(cols[3].strip(), path, no, "scale")
     center = np.array([parse_float(c.strip(), path, no, "center") for c in cols[4:6]])
-    tags = [int(parse_float(t, path, no, "tag")) for t in cols[6].split(",") if t.strip()] if len(cols) > 6 else []
+    tags = [_tag(t, path, no) for t in cols[6].split(",") if t.strip()] if len(cols) > 6 else []
     rel = clean_legacy_path(cols[0])
     img = _resolve_image(root, ds, rel)
     if img is None:
@@ -138,6 +139,7 @@ def _tsv_face(
     if img not in sizes:
         sizes[img] = image_size(img)
     check_inside(points, sizes[img], path, no)
+    check_center_scale(center, scale, sizes[img], path, no)
     attributes, subsets = _tsv_tags(ds, rel, tags)
     source = rel_path(img, root)
     index = seen.get(source, 0)
@@ -157,6 +159,14 @@ def _tsv_face(
         image=FileImage(str(img)),
         image_size=sizes[img],
     )
+
+
+def _tag(token: str, path: Path, no: int) -> int:
+    """A tag: an integer in the int32 range."""
+    value = parse_float(token, path, no, "tag")
+    if value != int(value) or abs(value) >= 2**31:
+        raise DataError(path, no, f"tag {token!r} is not an integer in the int32 range")
+    return int(value)
 
 
 def _resolve_image(root: Path, dataset: str, rel: str) -> Path | None:

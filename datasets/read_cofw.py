@@ -13,6 +13,7 @@ from flare.datasets.reader_common import (
     SPLITS,
     Errors,
     ReadResult,
+    check_box,
     check_inside,
     image_under,
     parse_float,
@@ -65,12 +66,16 @@ def _cofw_face(
 ) -> FaceRecord:
     where = f"{path}#{i}"
     pixels = _cofw_bgr(raw, where)
+    if not (np.all(np.isfinite(phis)) and np.all(np.isfinite(bbox))):
+        raise DataError(where, "non-finite value in phis or bboxes")
     points = np.stack([phis[:COFW_POINTS], phis[COFW_POINTS : 2 * COFW_POINTS]], axis=1) - offset
     if not np.all(np.isfinite(points)):
         raise DataError(where, "non-finite landmark")
     size = (pixels.shape[1], pixels.shape[0])
     check_inside(points, size, where, None)
     x, y, w, h = (float(v) for v in bbox)
+    box = np.array([x - offset, y - offset, x - offset + w, y - offset + h])
+    check_box(box, size, where, None)
     source = f"{path.name}#{i}"
     return FaceRecord(
         sample_id=sample_id("cofw", path.name, i),
@@ -80,7 +85,7 @@ def _cofw_face(
         source=source,
         group=source,
         landmarks=points,
-        box=np.array([x - offset, y - offset, x - offset + w, y - offset + h]),
+        box=box,
         occlusion=(phis[2 * COFW_POINTS : 3 * COFW_POINTS] > 0).astype(np.uint8),
         image=ArrayImage(pixels, source),
         image_size=size,
@@ -208,6 +213,7 @@ def _cofw_csv_face(root: Path, path: Path, no: int, row: dict, n: int, seen: dic
     img = image_under(root, (row.get("image") or "").strip(), path, no)
     size = image_size(img)
     check_inside(points, size, path, no)
+    check_box(box, size, path, no)
     source = rel_path(img, root)
     index = seen.get(source, 0)
     seen[source] = index + 1

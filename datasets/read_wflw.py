@@ -9,6 +9,7 @@ import numpy as np
 from flare.datasets.reader_common import (
     Errors,
     ReadResult,
+    check_box,
     check_inside,
     image_under,
     parse_float,
@@ -78,6 +79,7 @@ def _wflw_face(
     if img_path not in sizes:
         sizes[img_path] = image_size(img_path)
     check_inside(points, sizes[img_path], list_path, no)
+    check_box(box, sizes[img_path], list_path, no)
     source = rel_path(img_path, root)
     index = faces_per_image.get(source, 0)
     faces_per_image[source] = index + 1

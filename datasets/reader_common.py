@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flare.datasets.records import DataError, FaceRecord
+from flare.datasets.records import DataError, FaceRecord, open_regular
 
 SPLITS = ("train", "test")
 FAR_OUTSIDE = 0.5  # a landmark more than this fraction of the image size beyond the border is an error
@@ -81,8 +81,8 @@ def check_inside(points: np.ndarray, size: tuple[int, int], path: Path | str, li
     bad = np.nonzero(~((pts >= lo) & (pts <= hi)).all(axis=1))[0]  # NaN fails both comparisons
     if bad.size:
         k = int(bad[0])
-        x, y = pts[k]
-        raise DataError(path, line, f"{what} {k} at ({x:.1f}, {y:.1f}) lies far outside the {w}x{h} image")
+        x, y = (f"{v:.1f}" if abs(v) < 1e6 else f"{v:.3g}" for v in pts[k])
+        raise DataError(path, line, f"{what} {k} at ({x}, {y}) lies far outside the {w}x{h} image")
 
 
 def check_box(box: np.ndarray, size: tuple[int, int], path: Path | str, line: int | None) -> None:
@@ -107,7 +107,8 @@ def check_center_scale(center: np.ndarray, scale: float, size: tuple[int, int], 
 def read_text_lines(path: Path) -> list[str]:
     """UTF-8 (BOM tolerated) lines of a text file; DataError naming it when unreadable."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        with open_regular(path) as fh:
+            text = fh.read().decode("utf-8-sig")
     except OSError as exc:
         raise DataError(path, f"cannot read file ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
@@ -116,17 +117,18 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def find_image(stem_path: Path) -> Path | None:
-    """The image next to ``stem_path`` with one of IMAGE_EXTS, if any."""
+    """The image next to ``stem_path`` with one of IMAGE_EXTS, if any (FIFOs and the like are returned
+    too, so that reading them fails with a reason)."""
     for ext in IMAGE_EXTS:
         cand = stem_path.with_suffix(ext)
-        if cand.is_file():
+        if cand.exists():
             return cand
     return None
 
 
 def image_under(base: Path, rel: str, ref_path: Path, line: int | None) -> Path:
-    """``base/rel`` when it is a file, else DataError naming the referring file and line."""
+    """``base/rel`` when it exists, else DataError naming the referring file and line."""
     img = base / rel
-    if not img.is_file():
+    if not rel or not img.exists():
         raise DataError(ref_path, line, f"image not found: {img}")
     return img

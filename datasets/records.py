@@ -7,25 +7,33 @@ so they can be shipped to Ray workers.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ArrayImage",
     "DataError",
     "FaceRecord",
     "FileImage",
     "ImageSource",
+    "check_image_file",
+    "check_pixels",
     "crop_center_scale",
     "image_size",
     "landmark_box",
+    "open_regular",
     "read_image_bgr",
 ]
+
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: a header claiming more is refused before decoding
 
 
 class DataError(ValueError):
@@ -57,15 +65,20 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_image_bgr(path: str | Path) -> np.ndarray:
+def read_image_bgr(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to BGR uint8 H×W×3 (grey is replicated to 3 channels, alpha dropped).
 
-    Raises :class:`DataError` naming the file when it is missing, unreadable or not an image.
+    The header is checked first (:func:`check_image_file`): a non-regular file or an image over
+    ``max_pixels`` is refused before any pixel is decoded. Raises :class:`DataError` naming the file.
     """
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(path, f"cannot read image file ({exc.strerror or exc})") from exc
+    with open_regular(path) as fh:
+        w, h = _header_size(fh, path)
+        check_pixels(path, w, h, max_pixels)
+        fh.seek(0)
+        try:
+            data = np.frombuffer(fh.read(), dtype=np.uint8)
+        except OSError as exc:
+            raise DataError(path, f"cannot read image file ({exc.strerror or exc})") from exc
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise DataError(path, "corrupt or unsupported image file")
@@ -92,25 +105,93 @@ def _to_bgr_u8(img: np.ndarray, path: str | Path) -> np.ndarray:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, read from the PNG/JPEG/BMP header without decoding
-    (other formats are decoded). Raises :class:`DataError` naming the file if it is unreadable."""
+def _file_kind(mode: int) -> str | None:
+    """What a non-regular file is (None for a regular file)."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device file"),
+                       (stat.S_ISBLK, "a device file"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open ``path`` for binary reading, refusing (DataError) anything but a regular file: FIFOs,
+    directories and device files are checked with ``stat`` before opening and ``fstat`` after, and the
+    open never blocks."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(32)
-            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-                w, h = struct.unpack(">II", head[16:24])
-                return _checked_size(path, w, h)
-            if head[:2] == b"BM" and len(head) >= 26:
-                w, h = struct.unpack("<ii", head[18:26])
-                return _checked_size(path, w, abs(h))
-            if head[:2] == b"\xff\xd8":
-                fh.seek(2)
-                return _jpeg_size(fh, path)
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise DataError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if kind is None:
+        kind = _file_kind(os.fstat(fd).st_mode)  # swapped for something else since the stat
+        if kind is None:
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise DataError(path, f"is {kind}, not a regular file")
+
+
+def check_pixels(path: str | Path, w: int, h: int, max_pixels: int | None) -> None:
+    """DataError naming ``path`` when a ``w`` x ``h`` image exceeds ``max_pixels`` (None: no cap)."""
+    if max_pixels is not None and w * h > max_pixels:
+        raise DataError(path, f"image is {w}x{h} ({w * h / 1e6:.3g} MP), over the {max_pixels / 1e6:.3g} MP "
+                        "cap (--max-pixels)")
+
+
+def check_image_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Check an image file without decoding it and return its (width, height).
+
+    Raises :class:`DataError` naming the file when it is not a regular file (FIFO, directory, device),
+    has no readable PNG/JPEG/BMP/GIF/WebP header, or holds more than ``max_pixels`` pixels (None: no cap).
+    """
+    with open_regular(path) as fh:
+        w, h = _header_size(fh, path)
+    check_pixels(path, w, h, max_pixels)
+    return w, h
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding and without a pixel cap."""
+    return check_image_file(path, None)
+
+
+def _header_size(fh: BinaryIO, path: str | Path) -> tuple[int, int]:
+    """(width, height) from a PNG, BMP, JPEG, GIF or WebP header; DataError for anything else."""
+    try:
+        head = fh.read(32)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", head[16:24])
+            return _checked_size(path, w, h)
+        if head[:2] == b"BM" and len(head) >= 26:
+            w, h = struct.unpack("<ii", head[18:26])
+            return _checked_size(path, w, abs(h))
+        if head[:2] == b"\xff\xd8":
+            fh.seek(2)
+            return _jpeg_size(fh, path)
+        if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+            w, h = struct.unpack("<HH", head[6:10])
+            return _checked_size(path, w, h)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+            return _webp_size(head, path)
     except OSError as exc:
         raise DataError(path, f"cannot read image file ({exc.strerror or exc})") from exc
-    img = read_image_bgr(path)
-    return img.shape[1], img.shape[0]
+    raise DataError(path, "corrupt or unsupported image file (no PNG, JPEG, BMP, GIF or WebP header)")
+
+
+def _webp_size(head: bytes, path: str | Path) -> tuple[int, int]:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", head[26:30])
+        return _checked_size(path, w & 0x3FFF, h & 0x3FFF)
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return _checked_size(path, (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if chunk == b"VP8X":
+        w = int.from_bytes(head[24:27], "little") + 1
+        h = int.from_bytes(head[27:30], "little") + 1
+        return _checked_size(path, w, h)
+    raise DataError(path, "corrupt WebP header")
 
 
 def _checked_size(path: str | Path, w: int, h: int) -> tuple[int, int]:

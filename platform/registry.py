@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from flare.files import atomic_write_bytes
+from flare.files import atomic_write_bytes, check_replaceable, new_temp_dir, replace_dir
 from flare.platform.config import JobConfig
 
 
@@ -45,7 +44,9 @@ def parse_model_ref(ref: str) -> str:
 
 
 def pull(ref: str, out: Path, tracking_uri: str | None = None, overwrite: bool = False) -> Path:
-    """Download weights, config, layout and a model card into ``out`` (atomically, temp then rename)."""
+    """Download weights, config, layout and a model card into ``out`` (temp dir, then a swap). An existing
+    ``out`` is replaced only with ``overwrite`` and only when flare wrote it or it is empty
+    (:func:`flare.files.check_replaceable`)."""
     import mlflow
 
     from flare.platform.predictor import ModelLoadError, Predictor
@@ -53,10 +54,8 @@ def pull(ref: str, out: Path, tracking_uri: str | None = None, overwrite: bool =
     _client(tracking_uri)
     uri = parse_model_ref(ref)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_replaceable(out, (), overwrite, _pulled_before)
+    tmp = new_temp_dir(out)
     try:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp / "mlflow")))
@@ -70,13 +69,16 @@ def pull(ref: str, out: Path, tracking_uri: str | None = None, overwrite: bool =
         shutil.rmtree(tmp / "mlflow")
         predictor = Predictor.from_dir(tmp, device="cpu")
         atomic_write_bytes(tmp / "MODEL_CARD.md", model_card(uri, predictor).encode())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out, overwrite, (), "flare models pull", _pulled_before)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pulled_before(directory: Path) -> bool:
+    """A model folder pulled before the ``.flare-output`` marker: exactly what ``pull`` writes."""
+    return {p.name for p in Path(directory).iterdir()} == {"state.pt", "job.json", "MODEL_CARD.md"}
 
 
 def model_card(uri: str, predictor: Any) -> str:

@@ -1,4 +1,4 @@
-"""``flare data prepare`` / ``inspect`` (issue 3): real 300W, WFLW and COFW samples, determinism
+"""``flare data prepare`` / ``inspect``: real 300W, WFLW and COFW samples, determinism
 (re-runs and Ray vs local), bad inputs through the CLI, atomic writes, and ``flare data inspect``.
 
 Expected values come from the files themselves (globbed pairs, .pts / list / csv parsed here) or are
@@ -151,7 +151,8 @@ def test_300w_rows_and_shard_digests(w300) -> None:
         assert pq.ParquetFile(path).metadata.num_rows == shard["rows"]
         assert set(pq.read_table(path, columns=["split"]).column("split").to_pylist()) == {shard["split"]}
     assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
-    assert sorted(p.name for p in out.iterdir()) == sorted([s["path"] for s in manifest["shards"]] + ["manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([s["path"] for s in manifest["shards"]] + ["manifest.json",
+                                                                                               ".flare-output"])
     cov = np.asarray(rows[0]["cov"]).reshape(68, 2, 2)
     assert np.allclose(cov, cov.transpose(0, 2, 1)) and np.linalg.eigvalsh(cov).min() > 0
 
@@ -363,7 +364,8 @@ def test_existing_dataset_is_refused_or_replaced_whole(good_root: Path, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert "notes.txt" not in after and after != before
     assert manifest["counts"]["val"]["all"] >= 1 and manifest["options"]["val_fraction"] == 0.5
-    assert set(after) == {s["path"] for s in manifest["shards"]} | {"manifest.json"}
+    assert set(after) == {s["path"] for s in manifest["shards"]} | {"manifest.json", ".flare-output"}
+    assert json.loads((out / ".flare-output").read_text()) == {"written_by": "flare data prepare"}
     assert all(after[s["path"]] == s["sha256"] for s in manifest["shards"])
     assert leftovers(tmp_path, "ds") == []
 
