@@ -21,7 +21,7 @@ from flare.files import atomic_write_bytes
 from flare.platform.plots import PRED_COLOR, draw_landmarks, write_png
 from flare.platform.predictor import Predictor
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what the header check reads
 RESULTS_FILE = "predictions.jsonl"
 
 
