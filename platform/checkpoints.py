@@ -38,9 +38,21 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{directory}: not a flare checkpoint (no {STATE_FILE})")
-    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    state = load_weights(state_path, map_location)
     job = json.loads((directory / JOB_FILE).read_text())
     return state, job
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``; a file holding anything but tensors and primitives is refused
+    in one line (ValueError), never unpickled."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: refused, not plain weights (weights-only load: {first[:160]})") from None
 
 
 def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:

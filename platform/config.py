@@ -171,8 +171,8 @@ class JobConfig(_Section):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ "):
-            raise ValueError("name must be non-empty without slashes or spaces")
+        if not v or len(v) > 100 or any(c in v for c in "/\\ ") or not v.isprintable():
+            raise ValueError("name must be 1-100 printable characters without slashes or spaces")
         return v
 
     @model_validator(mode="after")
@@ -232,7 +232,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        out = set_paths(out, {key: yaml.safe_load(value)}, source)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"{source}: {key}={value!r} is not valid YAML ({problem})") from None
+        out = set_paths(out, {key: parsed}, source)
     return out
 
 

@@ -22,7 +22,7 @@ from flare.models.decode import apply_affine, check_decoder, decode_heatmaps, la
 from flare.models.hourglass import StackedHourglass
 from flare.models.layouts import Layout, get_layout
 from flare.platform.builders import build_model
-from flare.platform.checkpoints import checkpoint_info, selected_weights
+from flare.platform.checkpoints import checkpoint_info, load_weights, selected_weights
 from flare.platform.config import JobConfig, parse_job
 
 CROP_ENLARGE = 1.05  # method.md 8.1
@@ -71,7 +71,7 @@ class Predictor:
         meta = json.loads(Path(job_path).read_text())
         job = parse_job(meta["job"], source=str(job_path))
         layout = get_layout(meta["layout"])
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_weights(state_path)
         info = dict(meta.get("info", {}))
         if "model" in state and isinstance(state["model"], dict):  # a training checkpoint
             info = checkpoint_info(state)

@@ -99,7 +99,7 @@ def plan_search(job_file: Path, search_file: Path, overrides: list[str] | None =
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     storage = Path(storage or Path.cwd() / "runs").resolve()
     name = name or f"{job.name}-{search.name or Path(search_file).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if any(c in name for c in "/\\ ") or not name:
+    if any(c in name for c in "/\\ ") or not name or len(name) > 100 or not name.isprintable():
         raise ConfigError(f"--name {name!r}: use a name without slashes or spaces")
     if (storage / name).exists():
         raise ConfigError(f"search {name} already exists under {storage}; continue it with --resume {name}")

@@ -43,3 +43,50 @@ def test_other_errors_keep_their_traceback() -> None:
     assert res.exit_code == 1 and isinstance(res.exception, OSError)
     res = CliRunner().invoke(_app(RuntimeError("a bug")), [])
     assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
+
+
+def test_yaml_error_inside_set_is_one_line() -> None:
+    from flare.platform.cli import app
+
+    res = CliRunner().invoke(app, ["train", "tiny", "--no-ray", "--set", "objective.star.w=[1, 2"])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: ") and "objective.star.w='[1, 2' is not valid YAML" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "tab\tname", "x" * 101, "a/b", ""])
+def test_names_that_end_up_in_paths_are_checked(name: str) -> None:
+    """A NUL in ``name`` used to pass validation and reach run folders and MLflow run names."""
+    from flare.platform.config import ConfigError, load_job, parse_job
+    from flare.platform.specs import resolve_spec
+
+    raw = load_job(resolve_spec("tiny"), []).model_dump(mode="json")
+    assert parse_job({**raw, "name": "ok-name_1.2"}).name == "ok-name_1.2"
+    with pytest.raises(ConfigError, match="name must be 1-100 printable characters"):
+        parse_job({**raw, "name": name})
+
+
+def test_refused_weights_are_one_line_and_never_run(tmp_path) -> None:
+    """A state.pt that is a pickle with code in it: refused by the weights-only load, the code never runs."""
+    import json
+    import os
+
+    import torch
+
+    from flare.platform.cli import app
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.save({"weights": Payload()}, model / "state.pt")
+    (model / "job.json").write_text(json.dumps({"job": {"data": {"manifest": "/m.json"}}, "layout": "300w68"}))
+    img = tmp_path / "x.png"
+    img.write_bytes(b"")
+    res = CliRunner().invoke(app, ["predict", str(img), "--model", str(model), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "refused, not plain weights" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not marker.exists()
