@@ -128,6 +128,7 @@ def cluster_status() -> None:
 @one_line_errors
 @_cluster_errors
 def submit(
+    ctx: typer.Context,
     command: Annotated[str, typer.Argument(help="prepare | train | tune | eval")],
     args: Annotated[list[str] | None, typer.Argument(help="the command's own arguments and options; "
                                                         "relative paths resolve in the shipped project")]
@@ -138,13 +139,11 @@ def submit(
 ) -> None:
     """Run `flare prepare|train|tune|eval ARGS...` as a Ray job, shipping this project's code. Put
     `--` before ARGS that are named like this command's own options (--address, --wait)."""
-    import click
-
     from flare.platform.ray_jobs import check_cluster_paths, entrypoint
     from flare.platform.ray_jobs import submit as submit_job
 
     entrypoint(command, list(args or []))  # a bad command or a relative data path fails before connecting
-    check_cluster_paths(command, list(args or []), click.get_current_context().find_root().command)
+    check_cluster_paths(command, list(args or []), ctx.find_root().command)
     conn = _connect(address)
     job_id = submit_job(conn, command, list(args or []))
     typer.echo(f"submitted {job_id}")

@@ -259,7 +259,8 @@ def test_wrong_address_is_one_line_and_quick(cluster) -> None:
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
     for args in (["jobs", "list", "--address", f"http://127.0.0.1:{port}"],
-                 ["submit", "train", "jobs/tiny.yaml", "--address", f"127.0.0.1:{port}", "--wait"]):
+                 ["submit", "train", "jobs/tiny.yaml", "--set", "data.manifest=/shared/300w/manifest.json",
+                  "--address", f"127.0.0.1:{port}", "--wait"]):
         r = flare(args, cluster["env"])
         assert r.returncode == 2
         assert one_error_line(r).startswith(f"error: cannot reach Ray at http://127.0.0.1:{port}: ")
