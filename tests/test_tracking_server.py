@@ -100,15 +100,17 @@ def test_epochs_buffered_while_the_server_is_down_are_sent_after(server: Server,
 
 def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Server, small_300w: Path,
                                                                   test_data: Path, tmp_path: Path) -> None:
-    """``flare train`` logs over HTTP (driver and rank 0); the server is down for 20 s during epoch 2; the run
-    still ends FINISHED with every epoch logged once and its model registered; then the registry, ``models
-    pull``, ``predict models:/`` and ``eval`` work against the same server."""
+    """``flare train tiny`` from a folder holding ``data/300w`` (the spec's relative manifest, resolved on the
+    driver; Ray's workers run elsewhere) logs over HTTP (driver and rank 0); the server is down for 20 s
+    during epoch 2; the run still ends FINISHED with every epoch logged once and its model registered; then
+    the registry, ``models pull``, ``predict models:/`` and ``eval`` work against the same server."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
     env.pop("RAY_ADDRESS", None)
     epochs = 3
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "300w").symlink_to(small_300w)  # the quickstart: tiny.yaml's relative data/300w
     proc = subprocess.Popen(
-        [FLARE, "train", str(ROOT / "jobs" / "tiny.yaml"), "--storage", str(tmp_path / "runs"),
-         "--set", f"data.manifest={small_300w / 'manifest.json'}", "--set", f"optimizer.epochs={epochs}",
+        [FLARE, "train", "tiny", "--storage", str(tmp_path / "runs"), "--set", f"optimizer.epochs={epochs}",
          "--set", "mlflow.registered_model=served", "--set", "mlflow.experiment=served",
          "--set", "data.max_train_samples=32", "--set", "data.max_val_samples=8"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
