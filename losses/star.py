@@ -42,34 +42,37 @@ def _grid(n: int, like: Tensor) -> Tensor:
 
 
 class _MapStats(torch.autograd.Function):
-    """Per-map statistics of F̂ = F / s, s = max(max|F|, 1) per map (a constant for autograd), with a fused
-    single-expression backward.
+    """Per-map statistics of F̂ = F / s with a fused backward; s = max(max F, max_i |Σ_j F_ij|, 1) per map is a
+    constant for autograd.
 
     Returns the column marginal Σ_i F̂_ij (…, w), the row marginal Σ_j F̂_ij (…, h), the row first moments
-    Σ_j F̂_ij g_j (…, h) and Σ_ij F̂_ij² (…). F̂ ∈ [−1, 1], so no sum overflows for any finite F; everything
-    weighted_moments forms from these is a ratio, unchanged by s (for F ≥ 0; s = 1 leaves F as it is).
-    The first backward writes the gradient into F̂'s buffer (no per-op temporaries, no extra allocation).
+    Σ_j F̂_ij g_j (…, h) and Σ_ij F̂_ij² (…). |F̂| ≤ w + 1 for any F (a positive entry is at most max F, a
+    negative one at most |row sum| + w·max F), so nothing overflows; for F ≥ 0, s ≤ ΣF and every ratio that
+    weighted_moments forms is unchanged (s = 1 leaves F as it is). A row sum that overflows (|F| ≳ 3e38 / w)
+    makes s = inf: that map counts as all-zero. The first backward writes the gradient into F̂'s buffer.
     """
 
     @staticmethod
     def forward(ctx, f: Tensor, gx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
-        scale = torch.maximum(f.amax(dim=(-2, -1)), -f.amin(dim=(-2, -1))).clamp_min_(1.0)
-        fs = f / scale[..., None, None]
-        ctx.save_for_backward(f, gx, scale)
+        row = f.sum(dim=-1)
+        scale = torch.maximum(f.amax(dim=(-2, -1)), row.abs().amax(dim=-1))
+        scale = scale.nan_to_num_(nan=math.inf, posinf=math.inf).clamp_min_(1.0)
+        inv = 1.0 / scale
+        fs = f * inv[..., None, None]
+        ctx.save_for_backward(f, gx, inv)
         ctx.buffer = fs  # an intermediate outside the graph: safe to keep on ctx
         sq = torch.linalg.vector_norm(fs, dim=(-2, -1))
-        return fs.sum(dim=-2), fs.sum(dim=-1), fs @ gx, sq * sq
+        col = fs.new_ones(fs.shape[-2]) @ fs  # a matvec: faster than the strided sum over rows
+        return col, (row * inv[..., None]).nan_to_num_(nan=0.0), fs @ gx, sq * sq
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_col: Tensor, g_row: Tensor, g_rx: Tensor, g_sq: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        f, gx, scale = ctx.saved_tensors
+        f, gx, inv = ctx.saved_tensors  # inv = 1 / s = d F̂ / d F
         grad, ctx.buffer = ctx.buffer, None
         if grad is None:  # a second backward (retain_graph): the buffer was used by the first
-            grad = f / scale[..., None, None]
-        inv = 1.0 / scale  # d F̂ / d F
-        grad.mul_((2.0 * g_sq * inv)[..., None, None])
-        grad.add_((g_col * inv[..., None]).unsqueeze(-2))
+            grad = f * inv[..., None, None]
+        torch.addcmul((g_col * inv[..., None]).unsqueeze(-2), grad, (2.0 * g_sq * inv)[..., None, None], out=grad)
         grad.add_((g_row * inv[..., None]).unsqueeze(-1))
         grad.addcmul_((g_rx * inv[..., None]).unsqueeze(-1), gx)
         return grad, None
@@ -82,7 +85,8 @@ def weighted_moments(heatmaps: Tensor) -> tuple[Tensor, Tensor]:
     P = F / max(ΣF, 1e-6) is never materialised: the means and the diagonal second moments come from the
     row/column marginals, the cross term from the centred bilinear form Σ_i (g_i − μ_y)·Σ_j F_ij (g_j − μ_x),
     and Σ P² from Σ F² / max(ΣF, 1e-6)²; all four statistics come from one pass-light autograd node, on
-    F / max(max|F|, 1), so that they stay finite for any finite F (P is the same for F ≥ 0).
+    F scaled down per map (see ``_MapStats``), so that they stay finite for any finite F (P is the same for
+    F ≥ 0).
     """
     if heatmaps.dim() != 4:
         raise ValueError(f"heatmaps must be (B, N, h, w), got shape {tuple(heatmaps.shape)}")

@@ -332,7 +332,7 @@ def test_degenerate_mask_flags_point_zero_and_isotropic_maps_only():
 @pytest.mark.parametrize("cfg", [{}, {"distance": "l2"}, {"variant": "v1"}, {"restriction": "none"}],
                          ids=["default", "l2", "v1", "none"])
 def test_normalisation_keeps_value_and_gradient_at_ordinary_magnitudes(scale, cfg):
-    """The per-map division by max(max|F|, 1) inside the moments (active above 1) changes nothing."""
+    """The per-map scaling inside the moments changes neither value nor gradient (float64 reference)."""
     f, _, u = _gaussians(seed=9)
     ref_kw = {"dist": cfg.get("distance", "smoothl1"), "restriction": cfg.get("restriction", "value"),
               "variant": cfg.get("variant", "v2")}
