@@ -82,8 +82,8 @@ def cluster_up(
     port: Annotated[int, typer.Option("--port", help="GCS port")] = 6379,
     dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="dashboard / Jobs API port")] = 8265,
     temp_dir: Annotated[Path | None, typer.Option("--temp-dir", help="Ray temp dir (default: a new "
-                                                     "/tmp/flare-ray-*); `down` removes only what `up` "
-                                                     "created in it")] = None,
+                                                     "/tmp/flare-ray-*/ray, in a folder only you can enter); "
+                                                     "`down` removes only what `up` created")] = None,
     listen_all: Annotated[bool, typer.Option("--listen-all", help="listen on all interfaces, for a head "
                                              "that other machines join (default: 127.0.0.1 only)")] = False,
 ) -> None:

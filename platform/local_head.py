@@ -196,9 +196,10 @@ def _running(state: ClusterState | None) -> bool:
 
 def _make_temp_dir(temp_dir: Path | None) -> tuple[Path, str]:
     """The Ray temp dir, and the top-most folder created for it here ("" when it already existed)."""
-    if temp_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="flare-ray-"))
-        return tmp, str(tmp)
+    if temp_dir is None:  # Ray makes its temp dir world-writable: in a 0700 folder nobody else reaches it
+        parent = Path(tempfile.mkdtemp(prefix="flare-ray-"))
+        (parent / "ray").mkdir()
+        return parent / "ray", str(parent)
     tmp = Path(temp_dir).expanduser().absolute()
     if tmp.exists() and not tmp.is_dir():
         raise ClusterError(f"--temp-dir {tmp}: not a directory")

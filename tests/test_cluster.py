@@ -306,10 +306,12 @@ def test_down_leaves_no_process(cluster) -> None:
     again = json.loads(Path(env["FLARE_CLUSTER_STATE"]).read_text()) if r.returncode == 0 else None
     try:
         assert r.returncode == 0, r.stdout + r.stderr
-        assert again["created_temp_dir"] == again["temp_dir"] and Path(again["temp_dir"]).is_dir()
+        made = Path(again["created_temp_dir"])
+        assert made == Path(again["temp_dir"]).parent and Path(again["temp_dir"]).is_dir()
+        assert made.stat().st_mode & 0o777 == 0o700  # Ray's world-writable temp dir is out of others' reach
         r = flare(["cluster", "down"], env, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert not Path(again["temp_dir"]).exists()  # flare made it: removed
+        assert not made.exists()  # flare made it: removed
     finally:
         if again is not None and living(group_and_descendants(again["pgid"])):
             os.killpg(again["pgid"], signal.SIGKILL)  # last resort: this group is the one this test started
