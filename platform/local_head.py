@@ -197,10 +197,10 @@ def _running(state: ClusterState | None) -> bool:
 def _make_temp_dir(temp_dir: Path | None) -> tuple[Path, str]:
     """The Ray temp dir, and the top-most folder created for it here ("" when it already existed)."""
     if temp_dir is None:  # Ray makes its temp dir world-writable: in a 0700 folder nobody else reaches it
-        parent = Path(tempfile.mkdtemp(prefix="flare-ray-"))
+        parent = Path(tempfile.mkdtemp(prefix="flare-ray-")).resolve()
         (parent / "ray").mkdir()
         return parent / "ray", str(parent)
-    tmp = Path(temp_dir).expanduser().absolute()
+    tmp = Path(temp_dir).expanduser().resolve()  # no symlink in it: session paths compare as Ray writes them
     if tmp.exists() and not tmp.is_dir():
         raise ClusterError(f"--temp-dir {tmp}: not a directory")
     missing = [d for d in (tmp, *tmp.parents) if not d.exists()]
@@ -337,21 +337,28 @@ def down(keep_logs: bool = False, log: Callable[[str], None] = print) -> list[in
 
 
 def remove_created(state: ClusterState) -> None:
-    """Remove what ``up`` created: the temp dir if it made it, else the entries it recorded inside, each only
-    while it is still the same one (same inode; a file or link also unchanged), never anything outside."""
+    """Remove what ``up`` created: the temp dir if it made it, else the entries it recorded inside, never
+    anything outside: its session dir (same inode), links that still point into that session (Ray re-creates
+    them), files still unchanged (same inode and mtime)."""
     if state.created_temp_dir:
         shutil.rmtree(state.created_temp_dir, ignore_errors=True)
         return
-    root = Path(state.temp_dir)
+    root, session = Path(state.temp_dir), Path(state.session_dir)
     for name, (inode, mtime_ns) in state.created.items():
         entry = Path(name)
         try:
             st = entry.lstat()
         except FileNotFoundError:
             continue
-        if entry.parent != root or st.st_ino != inode:
+        if entry.parent != root:
             continue
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            target = (root / os.readlink(entry)).resolve()
+            if target == session or session in target.parents:
+                entry.unlink(missing_ok=True)
+        elif st.st_ino != inode:
+            continue
+        elif stat.S_ISDIR(st.st_mode):
             shutil.rmtree(entry, ignore_errors=True)
         elif st.st_mtime_ns == mtime_ns:
             entry.unlink(missing_ok=True)

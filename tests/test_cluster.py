@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from flare.platform.local_head import check_port_free
+from flare.platform.local_head import ClusterState, check_port_free, remove_created
 from flare.platform.ray_jobs import ClusterError, entrypoint, find_token, stage_package
 
 FLARE = [str(Path(sys.executable).parent / "flare")]
@@ -416,3 +416,32 @@ def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
                           ("eval", ["models:/m@champion", "--data", "/shared/300w", "--out", str(tmp_path)]),
                           ("train", ["jobs/no-such-spec.yaml"])]:  # not here to read: the job reports it
         check_cluster_paths(command, args, cli, ROOT)
+
+
+def test_down_removes_only_what_up_recorded(tmp_path: Path) -> None:
+    """The rules of `down` in a pre-existing temp dir, on real files: the recorded session dir goes, links go
+    while they point into it, files go while unchanged; anything replaced or re-pointed since, or never
+    recorded, stays."""
+    root = tmp_path / "ray"
+    (root / "session_old").mkdir(parents=True)
+    (root / "user-file.txt").write_text("mine\n")
+    ours = root / "session_new"
+    (ours / "logs").mkdir(parents=True)
+    for name, target in (("session_latest", ours), ("prom.json", ours / "prom.json"), ("moved", ours)):
+        (root / name).symlink_to(target)
+    (root / "ray-start.log").write_text("started\n")
+    (root / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    state = ClusterState(pgid=0, pids=[], temp_dir=str(root), session_dir=str(ours), gcs_address="",
+                         dashboard_url="", num_cpus=None, token_source="", started_at=0.0)
+    for name in ("session_new", "session_latest", "prom.json", "moved", "ray-start.log", "ray_current_cluster"):
+        st = (root / name).lstat()
+        state.created[str(root / name)] = [st.st_ino, st.st_mtime_ns]
+    state.created[str(tmp_path / "user-file.txt")] = [0, 0]  # outside the temp dir: never touched
+    (tmp_path / "user-file.txt").write_text("outside\n")
+    (root / "moved").unlink()
+    (root / "moved").symlink_to(root / "session_old")  # another head re-pointed it
+    os.utime(root / "ray_current_cluster", ns=(1, 1))  # rewritten since
+    remove_created(state)
+    assert sorted(p.name for p in root.iterdir()) == ["moved", "ray_current_cluster", "session_old", "user-file.txt"]
+    assert (tmp_path / "user-file.txt").exists()
+
