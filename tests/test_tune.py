@@ -261,7 +261,7 @@ def test_champion_moves_only_when_better_on_the_same_split(mlflow_uri: str) -> N
         client.set_model_version_tag("m", v.version, "flare.val_split", split)
     assert decide_champion("m", "1", 0.10, "A", mlflow_uri)[0]  # no champion yet: v1 becomes it
     promoted, line = decide_champion("m", "2", 0.20, "A", mlflow_uri)  # worse
-    assert not promoted and "0.200000" in line and "0.100000" in line and "champion stays v1" in line
+    assert not promoted and "20.000%" in line and "10.000%" in line and "champion stays v1" in line
     promoted, line = decide_champion("m", "3", 0.05, "B", mlflow_uri)  # better, but another val split
     assert not promoted and "not comparable" in line
     assert client.get_model_version_by_alias("m", "champion").version in (1, "1")
