@@ -15,16 +15,13 @@ import copy
 import io
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from flare.files import atomic_write_bytes
 from flare.models.decode import check_decoder, decode_heatmaps, label_to_crop
-
-if TYPE_CHECKING:
-    from flare.platform.predictor import Predictor
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "crops", "landmarks"
@@ -61,7 +58,7 @@ class LandmarkGraph(nn.Module):
         self.temperature = float(temperature)
 
     @classmethod
-    def from_predictor(cls, predictor: Predictor, decoder: str | None = None) -> LandmarkGraph:
+    def from_predictor(cls, predictor: Any, decoder: str | None = None) -> LandmarkGraph:
         """A CPU copy of ``predictor``'s model in eval mode with its decoder (or ``decoder``)."""
         model = copy.deepcopy(predictor.model).cpu().eval()
         return cls(model, predictor.input_size, decoder or predictor.decoder, predictor.temperature).eval()
@@ -71,7 +68,7 @@ class LandmarkGraph(nn.Module):
         return label_to_crop(decode_heatmaps(heat, self.decoder, self.temperature), self.input_size)
 
 
-def onnx_metadata(predictor: Predictor, decoder: str) -> dict[str, str]:
+def onnx_metadata(predictor: Any, decoder: str) -> dict[str, str]:
     """The ``metadata_props`` written into the exported model (all strings)."""
     return {
         "flare.format_version": FORMAT_VERSION,
@@ -87,7 +84,7 @@ def onnx_metadata(predictor: Predictor, decoder: str) -> dict[str, str]:
     }
 
 
-def export_onnx_bytes(predictor: Predictor, opset: int = DEFAULT_OPSET, decoder: str | None = None) -> bytes:
+def export_onnx_bytes(predictor: Any, opset: int = DEFAULT_OPSET, decoder: str | None = None) -> bytes:
     """The serialized ONNX model (dynamic batch, metadata attached) for ``predictor``."""
     onnx = _require_onnx()
     graph = LandmarkGraph.from_predictor(predictor, decoder)
@@ -108,7 +105,7 @@ def export_onnx_bytes(predictor: Predictor, opset: int = DEFAULT_OPSET, decoder:
     return proto.SerializeToString()
 
 
-def export_onnx(predictor: Predictor, path: Path, opset: int = DEFAULT_OPSET, decoder: str | None = None) -> Path:
+def export_onnx(predictor: Any, path: Path, opset: int = DEFAULT_OPSET, decoder: str | None = None) -> Path:
     """Write ``predictor`` as ONNX to ``path`` atomically (temp file + rename); returns ``path``."""
     path = Path(path)
     if path.is_dir():

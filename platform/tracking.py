@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-EXPORT_ARTIFACT = "model"  # pytorch flavour (pt2 graph) + extra_files/{state.pt, job.json} for our loader
+EXPORT_ARTIFACT = "model"  # pytorch flavour (pt2: crops -> landmarks) + extra_files/{state.pt, job.json}
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -107,17 +107,6 @@ class EpochLogger:
             wait = min(wait * 2, 15.0)
 
 
-class HeatmapExport(nn.Module):
-    """What the MLflow pytorch flavour exports: image (B,3,S,S) -> last-stack loss map (B,N,h,w)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[-1].fused
-
-
 def serving_requirements() -> list[str]:
     """What the logged pt2 graph needs to run, pinned to this environment. Given explicitly, MLflow
     skips inferring requirements by re-importing the model in a subprocess (about 10 s per model)."""
@@ -126,20 +115,29 @@ def serving_requirements() -> list[str]:
 
 def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tensor], job: dict[str, Any],
                     info: dict[str, Any], registered_model: str | None, input_size: int) -> str | None:
-    """Log the model into ``run_id`` with MLflow's pytorch flavour (a pt2 graph of the last-stack
-    heatmaps, which needs an ``input_example``) and, as ``extra_files``, what our own loader needs:
-    weights-only ``state.pt`` and ``job.json`` (job config, layout, selection info). Registers it
-    under ``registered_model`` if given and returns the new version."""
+    """Log the whole inference into ``run_id`` with MLflow's pytorch flavour: a pt2 graph of network +
+    validation-selected decoder (crops in, landmarks in crop px out, any batch size; see
+    :mod:`flare.platform.export` for the conventions), attached to the selected epoch's metrics, and, as
+    ``extra_files``, what flare's own loader reads: weights-only ``state.pt`` and ``job.json``. Registers it
+    under ``registered_model`` if given (the version's description states the conventions) and returns
+    the new version."""
     import mlflow
 
-    example = np.zeros((1, 3, input_size, input_size), np.float32)
+    from flare.platform.export import CROP_RULE, INPUT_CONVENTION, OUTPUT_CONVENTION, LandmarkGraph
+
+    temperature = float(job["job"]["objective"]["rwsa"]["epsilon"])
+    graph = LandmarkGraph(model.eval().cpu(), input_size, info["decoder"], temperature).eval()
+    example = np.zeros((2, 3, input_size, input_size), np.float32)  # batch 2: a batch of 1 would pin it to 1
+    description = (f"flare landmarks ({job['layout']}, decoder {info['decoder']}, selected on validation at "
+                   f"epoch {info['epoch']}, val NME {info['val_nme']:.5f}). Input: {INPUT_CONVENTION}. "
+                   f"Crop rule: {CROP_RULE}. Output: {OUTPUT_CONVENTION}.")
     with tempfile.TemporaryDirectory() as tmp:
         state, meta = Path(tmp) / "state.pt", Path(tmp) / "job.json"
         torch.save(weights, state)
         meta.write_text(json.dumps({**job, "info": info}, indent=2, sort_keys=True) + "\n")
         with mlflow.start_run(run_id=run_id):
             model_info = mlflow.pytorch.log_model(
-                HeatmapExport(model.eval().cpu()), name=EXPORT_ARTIFACT, input_example=example,
+                graph, name=EXPORT_ARTIFACT, input_example=example, step=int(info["epoch"]),
                 extra_files=[str(state), str(meta)], registered_model_name=registered_model,
                 pip_requirements=serving_requirements(),
             )
@@ -147,6 +145,7 @@ def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tens
     if version is None:
         return None
     client = mlflow.MlflowClient()
+    client.update_model_version(registered_model, str(version), description=description)
     for key, value in info.items():
         client.set_model_version_tag(registered_model, str(version), key, str(value))
     return str(version)

@@ -87,6 +87,35 @@ def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, s
         np.testing.assert_allclose(got, want, atol=1e-4)
         assert (tmp_path / "pred" / f"{img.stem}_overlay.png").stat().st_size > 0
 
+    # the registered model works without flare: crops in, landmarks (crop px) out, any batch size, the
+    # validation-selected decoder inside; it carries the selected epoch's metrics
+    from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
+
+    manifest = load_manifest(small_300w)
+    rows = next(iter_local_rows(manifest, "test", 4))
+    crops = BatchBuilder(manifest.layout, direct.input_size, augment=False)(rows)["image"]
+    np.save(tmp_path / "crops.npy", crops.numpy())
+    script = ("import sys; sys.modules['flare'] = None\n"  # flare cannot be imported
+              "import mlflow, numpy as np\n"
+              f"m = mlflow.pyfunc.load_model('models:/tiny-300w/1')\n"
+              f"x = np.load({str(tmp_path / 'crops.npy')!r})\n"
+              f"np.save({str(tmp_path / 'out4.npy')!r}, np.asarray(m.predict(x)))\n"
+              f"np.save({str(tmp_path / 'out1.npy')!r}, np.asarray(m.predict(x[:1])))\n")
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = direct.predict_batch(crops)
+    np.testing.assert_allclose(np.load(tmp_path / "out4.npy"), want, atol=0.01)
+    np.testing.assert_allclose(np.load(tmp_path / "out1.npy"), want[:1], atol=0.01)
+    version = client.get_model_version("tiny-300w", "1")
+    assert "crop pixels" in version.description and "decoder softargmax" in version.description
+    import mlflow
+
+    logged = [m for m in mlflow.search_logged_models(filter_string=f"source_run_id = '{out.run_id}'",
+                                                     output_format="list") if m.name == "model"]
+    assert len(logged) == 1 and logged[0].metrics
+    assert {m.step for m in logged[0].metrics} == {out.best_metrics["epoch"]}
+
 
 def test_resume_interrupted_run(ray_cluster, small_300w: Path, mlflow_uri: str, tmp_path: Path) -> None:
     marker = tmp_path / "fault-marker"
