@@ -160,10 +160,12 @@ def soft_argmax(heatmaps: torch.Tensor, convention: str = "corners") -> torch.Te
     """STAR soft-argmax (4.1-4.2, Eq. 1): (B, N, h, w) -> normalised (x, y) (B, N, 2).
 
     P = F / max(Σ F, 1e-6) (no softmax), μ = Σ P·g with g on the ``convention`` grid (STAR: ``"corners"``).
-    Only for non-negative maps (5.9 step 5); an all-zero map decodes to (0, 0).
+    Only for non-negative maps (5.9 step 5); an all-zero map decodes to (0, 0). Maps whose values exceed 1
+    are first divided by their largest magnitude (detached; P is scale-invariant), so sums never overflow.
     """
     f = _as_float(heatmaps)
     _, _, h, w = f.shape
+    f = f / f.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1.0)
     total = f.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
     prob = f / total
     gx = grid_index_to_label(torch.arange(w, device=f.device, dtype=f.dtype), w, convention)

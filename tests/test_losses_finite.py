@@ -65,3 +65,26 @@ def test_awing_and_distribution_regulariser_are_finite(magnitude: float) -> None
     heat, targets = _inputs()
     _assert_finite(lambda x: awing_loss(x, heat), heat * magnitude)  # AAM heads against [0, 1] targets
     _assert_finite(lambda x: js_gaussian_regulariser(x, targets), heat * magnitude)
+
+
+@pytest.mark.parametrize("name", ["smoothl1", "l2"])
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_softargmax_baselines_stay_finite(name: str, magnitude: float) -> None:
+    """The soft-argmax baselines (l2 gave NaN gradients, -1e30 an infinite value) and the decoder itself."""
+    from flare.losses.objectives import point_distance
+    from flare.models.decode import soft_argmax
+
+    heat, targets = _inputs()
+    _assert_finite(lambda x: point_distance(soft_argmax(x), targets, name), heat * magnitude)
+
+
+def test_softargmax_unchanged_at_ordinary_scale() -> None:
+    """Dividing by the largest magnitude changes nothing where values stay within [0, 1] or are scaled."""
+    from flare.models.decode import soft_argmax
+
+    heat, _ = _inputs()
+    g = torch.linspace(-1, 1, W, dtype=torch.float64)
+    p = heat.double() / heat.double().sum(dim=(-2, -1), keepdim=True)
+    want = torch.stack(((p.sum(-2) * g).sum(-1), (p.sum(-1) * g).sum(-1)), -1)
+    for scale in (1.0, 37.0, 1e6):
+        torch.testing.assert_close(soft_argmax(heat.double() * scale), want, rtol=1e-9, atol=1e-12)
