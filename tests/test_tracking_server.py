@@ -106,7 +106,7 @@ def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Serve
     the registry, ``models pull``, ``predict models:/`` and ``eval`` work against the same server."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
     env.pop("RAY_ADDRESS", None)
-    epochs = 3
+    epochs = 2  # the outage falls in the last epoch: its metrics wait in the buffer or MLflow's retries
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "300w").symlink_to(small_300w)  # the quickstart: tiny.yaml's relative data/300w
     proc = subprocess.Popen(
