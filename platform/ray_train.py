@@ -106,7 +106,8 @@ class EpochRelay:
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put(("report", dict(metrics[0])))
+        with contextlib.suppress(Exception):  # a progress line is never worth failing the run for
+            self.queue.put(("report", dict(metrics[0])), timeout=10)
 
 
 def relay_callback(queue: Any) -> Any:
@@ -121,9 +122,14 @@ def relay_callback(queue: Any) -> Any:
 def epoch_lines(on_epoch: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
     """Yield a Train callback whose epoch reports reach ``on_epoch`` on the driver while the run goes on
     (Ray's worker logs stay in the Ray log dir)."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue, done = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    # on the driver's node (the controller's too): Ray may put a zero-CPU actor on any node, and one that
+    # dies with its node took the controller's after_report, hence the run, with it (measured)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue, done = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), threading.Event()
 
     def drain() -> None:
         while True:
