@@ -351,6 +351,7 @@ def trials(path: Path) -> dict[str, dict]:
                          if t.trial_id in frames else []} for t in ea.trials}
 
 
+@pytest.mark.slow
 def test_tune_driver_sigkilled_then_resumed(spread_job: dict, two_nodes: TwoNodes, mlflow_server: MlflowServer,
                                             small_300w: Path, tmp_path: Path) -> None:
     """``flare tune --address HEAD`` is SIGKILLed once its first trial is TERMINATED in Tune's experiment
@@ -419,6 +420,7 @@ def test_tune_driver_sigkilled_then_resumed(spread_job: dict, two_nodes: TwoNode
           f"wall {time.monotonic() - t0:.0f} s")
 
 
+@pytest.mark.slow
 def test_a_node_dies_mid_epoch_and_training_finishes(two_nodes: TwoNodes, mlflow_server: MlflowServer,
                                                      small_300w: Path, tmp_path: Path) -> None:
     """SPREAD puts a rank on each node; once epoch 1's checkpoint is registered, every process of the worker

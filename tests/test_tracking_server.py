@@ -98,6 +98,7 @@ def test_epochs_buffered_while_the_server_is_down_are_sent_after(server: Server,
     assert not logger.log({"val_nme": 9.9}, 1)  # an epoch is logged once, whatever happens
 
 
+@pytest.mark.slow
 def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Server, small_300w: Path,
                                                                   test_data: Path, tmp_path: Path) -> None:
     """``flare train tiny`` from a folder holding ``data/300w`` (the spec's relative manifest, resolved on the

@@ -150,6 +150,7 @@ def test_asha_search_registers_and_promotes_the_best(first_search: dict, env: di
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
+@pytest.mark.slow
 def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env: dict,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert first_search["res"].exit_code == 0
