@@ -36,7 +36,7 @@ import torch
 from flare.datasets.augment import AugmentConfig, augment_sample, heatmap_matrix, to_tensor_image
 from flare.datasets.ingest import BatchBuilder, Manifest, decode_row, load_manifest
 from flare.datasets.prepare import PrepareOptions, prepare
-from flare.datasets.shards import CANONICAL
+from flare.datasets.shards import LOOSE_FACTOR
 from flare.datasets.targets import edge_heatmaps, point_heatmaps
 from flare.models.layouts import Layout
 
@@ -68,7 +68,7 @@ def per_second(step: Callable[[int], int], n_items: int, min_time: float) -> flo
 
 def loose_crop_geometry(size: int) -> tuple[np.ndarray, float]:
     """Centre and scale of the canonical crop inside a loose crop of ``size`` px (shards.py)."""
-    return np.full(2, (size - 1) / 2.0), CANONICAL / 200.0
+    return np.full(2, (size - 1) / 2.0), size / LOOSE_FACTOR / 200.0
 
 
 def warp_edges(edges: np.ndarray, matrix: np.ndarray, src_px: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flare.datasets.augment import AugmentConfig, augment_sample, to_tensor_image
-from flare.datasets.shards import CANONICAL, SCHEMA_VERSION
+from flare.datasets.shards import LOOSE_FACTOR, SCHEMA_VERSION
 from flare.datasets.targets import point_heatmaps
 from flare.models.decode import apply_affine, crop_to_label
 from flare.models.layouts import Layout, get_layout
@@ -153,7 +153,7 @@ class BatchBuilder:
             arr = decode_row(row, self.layout)
             size = arr["size"]
             center = np.array([(size - 1) / 2.0, (size - 1) / 2.0])
-            scale = CANONICAL / 200.0
+            scale = size / LOOSE_FACTOR / 200.0  # the canonical box is the loose crop's centre (shards.py)
             sample = augment_sample(
                 arr["image"], arr["landmarks"], arr["edges"].astype(np.float32) / 255.0, arr["cov"],
                 center, scale, self.layout, self.rng(row["sample_id"], epoch) if self.augment else None,

@@ -33,7 +33,7 @@ from flare.datasets.records import (
     crop_center_scale,
     read_image_bgr,
 )
-from flare.datasets.shards import CANONICAL, EDGE_SIZE, IMAGE_SIZE, LOOSE_FACTOR, SCHEMA_VERSION, row_schema
+from flare.datasets.shards import IMAGE_SIZE, LOOSE_FACTOR, SCHEMA_VERSION, row_schema
 from flare.datasets.targets import edge_heatmaps
 from flare.files import check_replaceable, new_temp_dir, replace_dir
 from flare.losses.smoothing import landmark_covariance
@@ -61,6 +61,19 @@ class PrepareOptions:
     smoothing_k: int = 7
     rows_per_shard: int = ROWS_PER_SHARD
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images over this many pixels are refused from the header
+    image_size: int = IMAGE_SIZE  # loose crop side (px); the canonical crop is its centre image_size/LOOSE_FACTOR
+    jpeg_quality: int = JPEG_QUALITY  # of the stored crops (1-100)
+
+    def check(self) -> None:
+        """ValueError naming the first option out of range."""
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.image_size % 8 or not 64 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be a multiple of 8 in [64, 1024], got {self.image_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
 
 def assign_validation(records: Sequence[FaceRecord], fraction: float, seed: int) -> list[str]:
@@ -78,16 +91,16 @@ def assign_validation(records: Sequence[FaceRecord], fraction: float, seed: int)
     return ["val" if (r.split == "train" and r.group in val_groups) else r.split for r in records]
 
 
-def loose_crop_matrix(center: np.ndarray, scale: float) -> np.ndarray:
+def loose_crop_matrix(center: np.ndarray, scale: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """Source px -> loose-crop px (3x3): the canonical box (side 200*scale, method.md 1.2) maps to the
-    central CANONICAL px of an IMAGE_SIZE crop, so the crop holds LOOSE_FACTOR x the face box."""
-    s = IMAGE_SIZE / (200.0 * scale * LOOSE_FACTOR)
-    c = (IMAGE_SIZE - 1) / 2.0
+    central size/LOOSE_FACTOR px of a ``size`` px crop, so the crop holds LOOSE_FACTOR x the face box."""
+    s = size / (200.0 * scale * LOOSE_FACTOR)
+    c = (size - 1) / 2.0
     return np.array([[s, 0.0, c - s * center[0]], [0.0, s, c - s * center[1]], [0.0, 0.0, 1.0]])
 
 
-def warp_loose_crop(image: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Resample ``image`` with the similarity ``m`` to IMAGE_SIZE^2 (bilinear, border 0). Strong
+def warp_loose_crop(image: np.ndarray, m: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Resample ``image`` with the similarity ``m`` to size^2 (bilinear, border 0). Strong
     downscales are first area-reduced by an integer factor so the crop does not alias."""
     factor = int(np.floor(1.0 / m[0, 0])) if m[0, 0] < 0.5 else 1
     if factor > 1:
@@ -97,17 +110,17 @@ def warp_loose_crop(image: np.ndarray, m: np.ndarray) -> np.ndarray:
         shrink = np.array([[1 / factor, 0, 0.5 / factor - 0.5], [0, 1 / factor, 0.5 / factor - 0.5], [0, 0, 1]])
         m = m @ np.linalg.inv(shrink)
     return cv2.warpAffine(
-        image, m[:2], (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        image, m[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
 
 
-def smoothing_covariance(edges: np.ndarray, points: np.ndarray, k: int) -> np.ndarray:
-    """Sigma_M per landmark (method.md 6.3) in loose-crop px^2, from the single-channel edge map
-    (max over groups) at EDGE_SIZE. Heatmap px follow the STAR grid j = (2p+1)(W-1)/(2S) (1.3)."""
+def smoothing_covariance(edges: np.ndarray, points: np.ndarray, k: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Sigma_M per landmark (method.md 6.3) in loose-crop px^2 (crop side ``size``), from the single-channel
+    edge map (max over groups) at size/4. Heatmap px follow the STAR grid j = (2p+1)(W-1)/(2S) (1.3)."""
     w = edges.shape[-1]
-    to_hm = (w - 1) / IMAGE_SIZE
+    to_hm = (w - 1) / size
     e = torch.from_numpy(edges.max(axis=0).astype(np.float32)[None])
-    pts_hm = torch.from_numpy(((2 * points + 1) * (w - 1) / (2 * IMAGE_SIZE)).astype(np.float32)[None])
+    pts_hm = torch.from_numpy(((2 * points + 1) * (w - 1) / (2 * size)).astype(np.float32)[None])
     cov_hm = landmark_covariance(e, pts_hm, k=k)[0].numpy()
     return (cov_hm / to_hm**2).astype(np.float32)
 
@@ -122,29 +135,30 @@ def load_capped(record: FaceRecord, max_pixels: int | None = DEFAULT_MAX_PIXELS)
 
 
 def process_record(
-    record: FaceRecord, split: str, layout: Layout, k: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    record: FaceRecord, split: str, layout: Layout, options: PrepareOptions = PrepareOptions()
 ) -> dict[str, Any]:
     """One face -> one shard row (the dict of :func:`row_schema` columns). Raises DataError."""
-    image = load_capped(record, max_pixels)
+    size = options.image_size
+    image = load_capped(record, options.max_pixels)
     center, scale = crop_center_scale(record)
     side, limit = 200.0 * scale, 10.0 * max(image.shape[:2])
     if not (np.all(np.isfinite(center)) and np.isfinite(side) and 1.0 <= side <= limit):
         raise DataError(record.source, None, f"degenerate face box (scale={scale:g}: a {side:g} px box, "
                         f"allowed 1 to {limit:g} px)")
-    m = loose_crop_matrix(np.asarray(center, dtype=np.float64), float(scale))
+    m = loose_crop_matrix(np.asarray(center, dtype=np.float64), float(scale), size)
     pts = record.landmarks @ m[:2, :2].T + m[:2, 2]
     if pts.shape != (layout.num_points, 2) or not np.all(np.isfinite(pts)):
         raise DataError(record.source, None, f"expected {layout.num_points} finite points, got {pts.shape}")
-    reach = CROP_REACH * IMAGE_SIZE
-    if np.any(pts < -reach) or np.any(pts > IMAGE_SIZE + reach):
-        far = pts[np.argmax(np.abs(pts - IMAGE_SIZE / 2).max(axis=1))]
-        raise DataError(record.source, None, f"a landmark maps to ({far[0]:.3g}, {far[1]:.3g}) in the {IMAGE_SIZE} px "
+    reach = CROP_REACH * size
+    if np.any(pts < -reach) or np.any(pts > size + reach):
+        far = pts[np.argmax(np.abs(pts - size / 2).max(axis=1))]
+        raise DataError(record.source, None, f"a landmark maps to ({far[0]:.3g}, {far[1]:.3g}) in the {size} px "
                         "crop: the face centre/scale do not fit the landmarks")
-    crop = warp_loose_crop(image, m)
-    edges = edge_heatmaps(pts, layout, size=IMAGE_SIZE, out=EDGE_SIZE)
+    crop = warp_loose_crop(image, m, size)
+    edges = edge_heatmaps(pts, layout, size=size, out=size // 4)
     edges_u8 = np.clip(np.rint(edges * 255.0), 0, 255).astype(np.uint8)
-    cov = smoothing_covariance(edges_u8.astype(np.float32) / 255.0, pts, k)
-    ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    cov = smoothing_covariance(edges_u8.astype(np.float32) / 255.0, pts, options.smoothing_k, size)
+    ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality])
     if not ok:
         raise DataError(record.source, None, "JPEG encoding of the crop failed")
     occ = record.occlusion if record.occlusion is not None else np.zeros(0, np.uint8)
@@ -156,7 +170,7 @@ def process_record(
         "source": record.source,
         "group": record.group,
         "image": jpeg.tobytes(),
-        "image_size": IMAGE_SIZE,
+        "image_size": size,
         "landmarks": pts.astype(np.float32).ravel().tolist(),
         "matrix": np.linalg.inv(m).ravel().tolist(),
         "box": _float32(record.box),
@@ -174,14 +188,14 @@ def _float32(values: np.ndarray) -> list[float]:
 
 
 def _process_batch(
-    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, options: PrepareOptions
 ) -> list[dict]:
     """Rows for a batch; a failing face becomes a row whose ``error`` names its file, so the driver
     decides between fail and skip. Good rows have ``error = None``."""
     out = []
     for rec, split in zip(records, splits):
         try:
-            row = process_record(rec, split, layout, k, max_pixels)
+            row = process_record(rec, split, layout, options)
             row["error"] = None
         except DataError as err:
             row = {"sample_id": rec.sample_id, "error": str(err)}
@@ -196,14 +210,14 @@ def _batch_schema() -> pa.Schema:
 
 
 def _rows_local(
-    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, options: PrepareOptions
 ) -> Iterator[dict]:
     for i in range(0, len(records), 16):
-        yield from _process_batch(records[i : i + 16], splits[i : i + 16], layout, k, max_pixels)
+        yield from _process_batch(records[i : i + 16], splits[i : i + 16], layout, options)
 
 
 def _rows_ray(
-    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, k: int, max_pixels: int | None
+    records: Sequence[FaceRecord], splits: Sequence[str], layout: Layout, options: PrepareOptions
 ) -> Iterator[dict]:
     """Parallel over images with Ray Data, yielded in input order (``preserve_order``). A task whose worker
     dies is retried TASK_RETRIES times, then the prepare fails with one line."""
@@ -217,7 +231,7 @@ def _rows_ray(
     def fn(batch: dict[str, np.ndarray]) -> pa.Table:
         recs = ray.get(recs_ref)
         idx = [int(i) for i in batch["idx"]]
-        rows = _process_batch([recs[i] for i in idx], [splits[i] for i in idx], layout, k, max_pixels)
+        rows = _process_batch([recs[i] for i in idx], [splits[i] for i in idx], layout, options)
         return pa.Table.from_pylist(rows, schema=schema)
 
     with warnings.catch_warnings():  # Ray 2.60 names no replacement for the task's max_retries yet
@@ -288,10 +302,7 @@ def write_dataset(
     """
     out = Path(out)
     check_replaceable(out, inputs, overwrite, is_flare_dataset)
-    if options.max_pixels is not None and options.max_pixels < 1:
-        raise ValueError(f"max_pixels must be at least 1, got {options.max_pixels}")
-    if options.on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {options.on_error!r}")
+    options.check()
     skipped_list = [{"item": str(a), "reason": str(b)} for a, b in skipped]
     if skipped_list and options.on_error == "fail":
         raise DataError(skipped_list[0]["item"], None, skipped_list[0]["reason"])
@@ -299,8 +310,7 @@ def write_dataset(
     tmp = new_temp_dir(out)
     try:
         writers = {s: _ShardWriter(tmp, s, options.rows_per_shard) for s in SPLITS}
-        rows = (_rows_ray if engine == "ray" else _rows_local)(records, splits, layout, options.smoothing_k,
-                                                                options.max_pixels)
+        rows = (_rows_ray if engine == "ray" else _rows_local)(records, splits, layout, options)
         counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
         for row in rows:
             error = row.pop("error", None)
@@ -332,12 +342,13 @@ def write_dataset(
             "layout": layout.name,
             "num_points": layout.num_points,
             "num_edges": layout.num_edges,
-            "image_size": IMAGE_SIZE,
-            "canonical_size": CANONICAL,
-            "edge_size": EDGE_SIZE,
+            "image_size": options.image_size,
+            "canonical_size": round(options.image_size / LOOSE_FACTOR),
+            "edge_size": options.image_size // 4,
             "source": source,
             "options": {"val_fraction": options.val_fraction, "seed": options.seed, "on_error": options.on_error,
-                        "smoothing_k": options.smoothing_k},
+                        "smoothing_k": options.smoothing_k, "image_size": options.image_size,
+                        "jpeg_quality": options.jpeg_quality},
             "counts": {s: dict(sorted(c.items())) for s, c in counts.items() if c},
             "shards": shards,
             "skipped": skipped_list,

@@ -115,6 +115,8 @@ class OptimizerConfig(_Section):
     epochs: int = Field(500, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="global batch size, split over workers")
     grad_clip: float | None = Field(None, gt=0, description="global gradient-norm clip (off for parity)")
+    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of one process: epochs and "
+                                        "milestones are fitted to the epochs that fit (platform/budget.py)")
 
 
 class EmaConfig(_Section):
@@ -161,6 +163,7 @@ class JobConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     ema: EmaConfig = EmaConfig()
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the training forward (CUDA; gain: bench/gpu_run.py)")
     decode: Literal["auto", "softargmax", "argmax", "argmax_refine"] = Field(
         "auto", description="auto: soft-argmax for star/l2/smoothl1; argmax+refine for rwsa, both reported"
     )

@@ -22,7 +22,7 @@ from flare.models.decode import apply_affine, check_decoder, decode_heatmaps, la
 from flare.models.hourglass import StackedHourglass
 from flare.models.layouts import Layout, get_layout
 from flare.platform.builders import build_model
-from flare.platform.checkpoints import checkpoint_info, load_weights, selected_weights
+from flare.platform.checkpoints import best_checkpoint_dir, checkpoint_info, load_weights, selected_weights
 from flare.platform.config import JobConfig, parse_job
 
 CROP_ENLARGE = 1.05  # method.md 8.1
@@ -89,12 +89,19 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, directory: Path, device: str | None = None) -> Predictor:
-        """A pulled model, a downloaded MLflow model or a checkpoint directory (searched recursively)."""
+        """A pulled model, a downloaded MLflow model, a checkpoint directory or a run directory (searched
+        recursively; of several checkpoints in one folder, the one with the smallest val NME, method.md 9.6)."""
         directory = Path(directory)
         states = sorted(directory.rglob("state.pt"))
         if not states:
             raise ModelLoadError(f"{directory}: no state.pt found (not a flare model or checkpoint)")
         state = states[0]
+        if len(states) > 1:
+            folders = {s.parent.parent for s in states}
+            if len(folders) > 1:
+                raise ModelLoadError(f"{directory}: checkpoints in {len(folders)} folders; name one of them")
+            best = best_checkpoint_dir(folders.pop())
+            state = best / "state.pt" if best is not None else state
         job = state.parent / "job.json"
         if not job.is_file():
             raise ModelLoadError(f"{state.parent}: state.pt without job.json")

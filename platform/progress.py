@@ -41,6 +41,7 @@ class EpochPrinter:
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
         self.seen += 1
-        left = self.epochs - int(metrics["epoch"]) - 1
+        epochs = int(metrics.get("planned_epochs", self.epochs))  # fitted to a time budget (budget.py)
+        left = epochs - int(metrics["epoch"]) - 1
         eta = (time.monotonic() - self.t0) / self.seen * left
-        self.log(epoch_line(metrics, self.epochs, self.normaliser, eta))
+        self.log(epoch_line(metrics, epochs, self.normaliser, eta))

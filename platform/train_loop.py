@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from flare.files import atomic_write_bytes
 from flare.models.decode import apply_affine, decoders_for
 from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
+from flare.platform.budget import BudgetPlan
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
@@ -122,7 +124,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     layout = manifest.layout
     torch.manual_seed(job.seed)
     device = session.device
-    model = build_model(job, layout).to(device)
+    use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
+    fast = use_bf16 and device.type == "cuda"  # bf16 autocast + channels_last: the GPU fast path
+    model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
     objective = objective_from_config(job.objective).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, betas=tuple(job.optimizer.betas),
@@ -137,19 +141,23 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])  # restores last_epoch: never stepped twice
         start_epoch, best = int(state["epoch"]) + 1, float(state.get("best", math.inf))
+    plan = BudgetPlan(job.optimizer.epochs, job.optimizer.milestones, job.optimizer.time_budget_s,
+                      current=sorted(sched.milestones.elements()))
     ddp_model = session.prepare_model(model)
+    forward = torch.compile(ddp_model) if job.compile else ddp_model
     per_worker = job.optimizer.batch_size // session.world_size
     builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed)
     gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
-    use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
-    for epoch in range(start_epoch, job.optimizer.epochs):
+    epoch, going = start_epoch, start_epoch < plan.epochs
+    while going:
         fault_hook(epoch, session.rank)
         stats, t0 = EpochStats(), time.perf_counter()
         batches = WaitClock(session_batches(session, epoch, per_worker, builder))
         for host in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+            image = batch["image"].contiguous(memory_format=torch.channels_last) if fast else batch["image"]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outputs = ddp_model(batch["image"])
+                outputs = forward(image)
             total, terms = objective(outputs, batch, gen)
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -171,13 +179,19 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                 metrics.update(validate(ema.module, session, job, layout, per_worker, "val_ema"))
             metrics.update(select_best(metrics, job))
             best = min(best, metrics[VAL_METRIC])
+        going = plan.epoch_done(epoch, time.perf_counter() - t0)  # train + validation time
+        going = plan.share(going, device)
+        plan.apply(sched)
+        metrics["planned_epochs"] = plan.epochs
+        if session.rank == 0:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                      "val_nme": metrics[VAL_METRIC], "weights": metrics["val_weights"],
-                     "decoder": metrics["val_decoder"]}
+                     "decoder": metrics["val_decoder"], "planned_epochs": plan.epochs}
             ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
             save_checkpoint(ckpt_dir, state, {"job": job.model_dump(mode="json"), "layout": layout.name})
         session.report(metrics, ckpt_dir)
+        epoch += 1
 
 
 def select_best(metrics: dict[str, Any], job: JobConfig) -> dict[str, Any]:
@@ -212,6 +226,12 @@ class LocalSession:
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
         atomic_write_bytes(self.run_dir / "host.json", (json.dumps(host, indent=1) + "\n").encode())
         self.reports: list[dict[str, Any]] = []
+        self.val_nme: dict[str, float] = {}  # epoch_NNNN -> val NME, of the checkpoints this run dir holds
+        if resume and (self.run_dir / "metrics.jsonl").exists():
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if VAL_METRIC in row:
+                    self.val_nme[f"epoch_{int(row['epoch']):04d}"] = float(row[VAL_METRIC])
         self.on_report: Callable[[dict[str, Any]], None] | None = None  # e.g. the CLI's per-epoch line
         self.loader: LocalLoader | None = None
 
@@ -235,6 +255,15 @@ class LocalSession:
         n = min(n, self.job.data.max_train_samples or n)
         return iter(tqdm(batches, total=math.ceil(n / batch_size), desc=f"epoch {epoch + 1}", unit="batch",
                          leave=False, dynamic_ncols=True))
+
+    def prune(self, latest: str) -> None:
+        """Keep the latest checkpoint and the ``checkpoint.keep_best`` best by val NME, as Ray Train does;
+        only ``epoch_NNNN`` folders this run wrote are removed (a paper-size run writes ~200 MB per epoch)."""
+        ranked = sorted(self.val_nme, key=lambda name: (self.val_nme[name], name))
+        keep = {latest, *ranked[: self.job.checkpoint.keep_best]}
+        for name in [n for n in self.val_nme if n not in keep]:
+            shutil.rmtree(self.run_dir / "checkpoints" / name, ignore_errors=True)
+            del self.val_nme[name]
 
     def close(self) -> None:
         """Stop the loader's worker processes."""
@@ -263,10 +292,10 @@ class LocalSession:
         if checkpoint_dir is not None:
             dest = self.run_dir / "checkpoints" / f"epoch_{metrics['epoch']:04d}"
             if dest.exists():
-                import shutil
-
                 shutil.rmtree(dest)
             os.replace(checkpoint_dir, dest)
+            self.val_nme[dest.name] = float(metrics[VAL_METRIC])
+            self.prune(dest.name)
         if self.on_report is not None:
             self.on_report(metrics)
 

@@ -18,18 +18,24 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "--data", str(small_300w)],
                           env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(list(out.iterdir())) <= 8
-    rows = json.loads((out / "throughput.json").read_text())
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["ced.png", "eval.json", "gpu_run.log", "summary.json", "throughput.md", "train_log.txt",
+                     "train_metrics.jsonl", "val_curve.png"]  # at most 8 files come back from the device
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["throughput"]
     assert [(r["spec"], r["precision"]) for r in rows] == [("tiny", "fp32"), ("tiny", "bf16+channels_last")]
     for r in rows:
         assert r["images_per_s"] > 0 and 0.0 <= r["data_wait"] <= 1.0 and r["batch"] == 16
+        assert r["train_flops_per_image"] > 1e8  # the tiny model at 64 px: ~0.2 GFLOP forward
     assert (out / "throughput.md").read_text().count("| tiny |") == 2
-    env_facts = json.loads((out / "env.json").read_text())
+    env_facts = summary["env"]
     assert env_facts["device"] == "cpu" and not env_facts["ray_imported"] and not env_facts["mlflow_imported"]
-    summary = json.loads((out / "train_summary.json").read_text())
+    train = summary["train"]
     epochs = [json.loads(x) for x in (out / "train_metrics.jsonl").read_text().splitlines()]
-    assert summary["epochs_done"] == len(epochs) and summary["budget_s"] == 40.0
-    assert summary["stopped_at_budget"] or (summary["exit_code"] == 0 and len(epochs) == 1)
+    assert train["budget_s"] == 20.0 and train["exit_code"] == 0 and not train["killed_after_grace"]
+    assert train["epochs_done"] == len(epochs) == train["planned_epochs"] and 1 <= len(epochs) <= 2
     for e in epochs:
         assert 0.0 <= e["data_wait"] <= 1.0
+    test = json.loads((out / "eval.json").read_text())
+    assert test["count"] == 224 and test["subsets"]["common"]["count"] == 224 and train["eval"]["checkpoint"].startswith("epoch_")
     assert (out / "train_log.txt").exists() and "training tiny" in (out / "gpu_run.log").read_text()

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flare.datasets.prepare import PrepareOptions, prepare
@@ -155,6 +156,45 @@ def test_300w_rows_and_shard_digests(w300) -> None:
                                                                                                ".flare-output"])
     cov = np.asarray(rows[0]["cov"]).reshape(68, 2, 2)
     assert np.allclose(cov, cov.transpose(0, 2, 1)) and np.linalg.eigvalsh(cov).min() > 0
+
+
+def test_300w_compact_pack_fits_40_mib_with_the_same_geometry(test_data: Path, w300, tmp_path: Path) -> None:
+    """``--image-size 384 --jpeg-quality 75``: all of 300W (train, val, test) in at most 40 MiB (what a GPU
+    window can carry), the same faces and splits, and the training crops agree with the default pack's."""
+    from flare.datasets.ingest import BatchBuilder, load_manifest
+
+    out = tmp_path / "pack"
+    code, _, err = run_cli("data", "prepare", "--format", "300w", "--root", test_data / "300W", "--out", out,
+                           "--no-ray", "--image-size", "384", "--jpeg-quality", "75")
+    assert code == 0, err
+    size = sum(p.stat().st_size for p in out.iterdir())
+    assert size <= 40 * 2**20, size
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["image_size"], manifest["canonical_size"], manifest["edge_size"]) == (384, 192, 96)
+    assert manifest["options"]["jpeg_quality"] == 75 and manifest["counts"] == w300[1]["counts"]
+    rows = {r["sample_id"]: r for r in read_rows(out)}
+    big = {r["sample_id"]: r for r in read_rows(w300[0]) if r["sample_id"] in list(rows)[:: 200]}
+    for sid, row in big.items():
+        assert np.abs(to_source(rows[sid]) - to_source(row)).max() < 0.01
+    ids = sorted(big)
+    layout = load_manifest(out).layout
+    a = BatchBuilder(layout, 256, augment=False)([rows[i] for i in ids])
+    b = BatchBuilder(layout, 256, augment=False)([big[i] for i in ids])
+    assert torch.allclose(a["landmarks_crop"], b["landmarks_crop"], atol=0.01)
+    assert torch.allclose(a["to_original"], b["to_original"], atol=1e-6)
+    diff = (a["image"] - b["image"]).abs().mean().item() * 127.5  # grey levels
+    assert diff < 6.0, diff  # 192 px faces upsampled to 256 at JPEG 75 vs 256 px faces at JPEG 95
+    assert (a["point_targets"] - b["point_targets"]).abs().max() < 1e-4
+    assert (a["edge_targets"] - b["edge_targets"]).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("option, value, message", [("--image-size", "100", "image_size must be a multiple of 8"),
+                                                    ("--jpeg-quality", "0", "--jpeg-quality")])
+def test_bad_pack_options_fail_with_one_line(good_root: Path, tmp_path: Path, option: str, value: str,
+                                            message: str) -> None:
+    code, _, err = run_cli("data", "prepare", "--format", "300w", "--root", good_root, "--out", tmp_path / "ds",
+                           "--no-ray", option, value)
+    assert code == 2 and message in err and not (tmp_path / "ds").exists()
 
 
 # ------------------------------------------------------------------------------------------------
