@@ -2,7 +2,8 @@
 
 Stages of flare's training path, each timed alone on one thread: shard read (pyarrow -> rows),
 JPEG decode (``decode_row``), augmentation (one warp + texture), targets (point heatmaps drawn at 64,
-precomputed edge maps warped once, A Sigma A^T), and the whole ``BatchBuilder`` train path.
+precomputed edge maps warped once, A Sigma A^T), and the whole ``BatchBuilder`` train path, full and compact (what training hands between processes: uint8
+image and edges, the point maps drawn on the device by ``expand_batch``).
 
 For comparison, an "official STAR loader style" baseline written here does the work the official code
 does per sample: the same decode and augmentation, then one 256x256 canvas per landmark with the Gaussian
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flare.datasets.augment import AugmentConfig, augment_sample, heatmap_matrix, to_tensor_image
-from flare.datasets.ingest import BatchBuilder, Manifest, decode_row, load_manifest
+from flare.datasets.ingest import BatchBuilder, Manifest, decode_row, iter_local_rows, load_manifest
 from flare.datasets.prepare import PrepareOptions, prepare
 from flare.datasets.shards import LOOSE_FACTOR
 from flare.datasets.targets import edge_heatmaps, point_heatmaps
@@ -138,6 +139,7 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
 
     augmented = [augment(i) for i in range(n)]
     builder = BatchBuilder(layout, SIZE, augment=True, seed=0)
+    compact = BatchBuilder(layout, SIZE, augment=True, seed=0, compact=True)
     batches = [rows[i : i + batch] for i in range(0, n, batch)]
     base_rows = rows[: max(1, min(baseline_samples, n))]
     base_batches = [base_rows[i : i + batch] for i in range(0, len(base_rows), batch)]
@@ -165,6 +167,10 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
         builder(batches[i], epoch=i)
         return len(batches[i])
 
+    def train_compact(i: int) -> int:
+        compact(batches[i], epoch=i)
+        return len(batches[i])
+
     def end_to_end(_: int) -> int:
         table = pq.read_table(paths)
         for k in range(0, table.num_rows, batch):
@@ -189,6 +195,7 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
         "augmentation (warp + texture)": per_second(augment_one, n, min_time),
         "targets (points@64 + edge warp + cov)": per_second(targets, n, min_time),
         "ours: BatchBuilder train path": per_second(train, len(batches), min_time),
+        "ours: compact BatchBuilder (training's)": per_second(train_compact, len(batches), min_time),
         "ours: read + BatchBuilder": per_second(end_to_end, 1, min_time),
         "official-style targets only": per_second(official_targets, len(base_rows), min_time),
         "official-style loader (collated)": per_second(official, len(base_batches), min_time),
@@ -201,7 +208,7 @@ def loader_scaling(manifest: Manifest, split: str, batch: int, rounds: int,
     workers, then ``rounds`` rounds time one epoch of each count in turn (side by side, same host load)."""
     from flare.platform.local_loader import LocalLoader
 
-    builder = BatchBuilder(manifest.layout, SIZE, augment=True, seed=0)
+    builder = BatchBuilder(manifest.layout, SIZE, augment=True, seed=0, compact=True)  # as training builds them
     loaders = {w: LocalLoader(manifest, split, batch, builder, workers=w, shuffle_base=0) for w in workers}
     seconds = dict.fromkeys(workers, 0.0)
     samples = dict.fromkeys(workers, 0)
@@ -270,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"({'meets' if two / one >= LOADER_TARGET else 'misses'} the {LOADER_TARGET}x target)")
     if not figures:
         return
+    rows = next(iter_local_rows(manifest, args.split, args.batch))
+    nbytes = [sum(v.numel() * v.element_size() for v in BatchBuilder(manifest.layout, SIZE, augment=True,
+                                                                     compact=c)(rows).values()) for c in (False, True)]
+    print(f"bytes per batch of {len(rows)} handed from a loader process: full {nbytes[0] / 2**20:.1f} MiB, compact "
+          f"{nbytes[1] / 2**20:.1f} MiB ({nbytes[0] / nbytes[1]:.1f}x less; point maps drawn on the device)")
     print(f"{'stage':40s} {'samples/s/core':>15s} {'ms/sample':>10s}")
     for name, value in figures.items():
         print(f"{name:40s} {value:15.1f} {1000.0 / value:10.2f}")

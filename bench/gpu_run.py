@@ -8,7 +8,7 @@ waited for data, MFU, peak memory, batch (halved on out-of-memory). (b) ``flare 
 with ``optimizer.time_budget_s`` (epochs and LR milestones fitted to the budget), then the
 validation-selected checkpoint evaluated on the test split (300W common subset).
 (c) At most 8 files under ``--out`` (``$OUT``): summary.json (environment, throughput rows, training and
-test figures), throughput.md, train_metrics.jsonl, train_log.txt, val_curve.png, eval.json, ced.png, and
+test figures), throughput.md, profile.txt, train_metrics.jsonl, train_log.txt, val_curve.png, ced.png, and
 gpu_run.log written by the shell wrapper.
 
 ``--dry-run``: the same steps with ``jobs/tiny.yaml`` on CPU, small and fast (< 3 minutes).
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
+from flare.datasets.ingest import BatchBuilder, Manifest, expand_batch, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.local_loader import LocalLoader, WaitClock
@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
 COMPILED = "bf16+channels_last+compile"
+PROFILED = ("bf16+channels_last",)  # these rows are also profiled into profile.txt
 GRACE_S = 90.0  # the training process is killed only this long after its budget
 DEADLINE_S = 560.0  # the compile case runs only if it can end before this (the device allows 600 s a command)
 
@@ -70,7 +71,8 @@ class Loaders:
     def get(self, job: JobConfig, batch: int) -> LocalLoader:
         key = (job.data.input_size, job.data.augment, job.seed, batch, job.data.max_train_samples)
         if key not in self.open:
-            builder = BatchBuilder(self.manifest.layout, job.data.input_size, augment=job.data.augment, seed=job.seed)
+            builder = BatchBuilder(self.manifest.layout, job.data.input_size, augment=job.data.augment, seed=job.seed,
+                                   compact=True)
             self.open[key] = LocalLoader(self.manifest, job.data.train_split, batch, builder, workers=self.workers,
                                          limit=job.data.max_train_samples, shuffle_base=job.seed * 100003,
                                          pin_memory=self.pin)
@@ -82,8 +84,9 @@ class Loaders:
 
 
 def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, device: torch.device,
-               warmup: int, steps: int) -> dict[str, Any]:
-    """Time ``steps`` training steps of ``job`` on real batches (after ``warmup``)."""
+               warmup: int, steps: int, profile_to: Path | None = None) -> dict[str, Any]:
+    """Time ``steps`` training steps of ``job`` on real batches (after ``warmup``); with ``profile_to``, then
+    profile a few more (:func:`profile_steps`)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     layout = loaders.manifest.layout
@@ -100,7 +103,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     forward = torch.compile(model) if precision == COMPILED else model
 
     def step() -> None:
-        b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        b = expand_batch({k: v.to(device, non_blocking=True) for k, v in next(batches).items()}, job.data.input_size)
         if cl:
             b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
@@ -126,8 +129,37 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     sync(device)
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return {"images_per_s": steps * batch / elapsed, "data_wait": min(batches.seconds / elapsed, 1.0),
-            "step_s": elapsed / steps, "peak_mem_mb": peak, "warmup_s": warmup_s}
+    row = {"images_per_s": steps * batch / elapsed, "data_wait": min(batches.seconds / elapsed, 1.0),
+           "step_s": elapsed / steps, "peak_mem_mb": peak, "warmup_s": warmup_s}
+    if profile_to is not None:
+        row["profile"] = profile_steps(step, device, profile_to, f"{job.name} {precision} batch {batch}")
+    return row
+
+
+def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps: int = 3) -> dict[str, float]:
+    """``steps`` steps under torch.profiler: where the step's time goes (kernels by device time, ops by
+    host time, kernel launches per step), appended to ``path`` (profile.txt); returns the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    gpu_busy = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e6 / steps
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with path.open("a") as f:
+        f.write(f"== {title}: {wall * 1000:.1f} ms/step wall, GPU kernels busy {gpu_busy * 1000:.1f} ms/step, "
+                f"{launches / steps:.0f} kernel launches/step ==\n")
+        f.write(events.table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60) + "\n")
+    return {"wall_ms": wall * 1000, "gpu_busy_ms": gpu_busy * 1000, "launches_per_step": launches / steps}
 
 
 def run_case(spec: str, precision: str, args: argparse.Namespace, loaders: Loaders,
@@ -139,7 +171,9 @@ def run_case(spec: str, precision: str, args: argparse.Namespace, loaders: Loade
                            "workers": loaders.workers, "device": str(device)}
     while batch >= 1:
         try:
-            row.update(throughput(job, precision, batch, loaders, device, args.warmup, args.steps), batch=batch)
+            profile_to = args.out / "profile.txt" if precision in PROFILED else None
+            row.update(throughput(job, precision, batch, loaders, device, args.warmup, args.steps, profile_to),
+                       batch=batch)
             return row
         except torch.OutOfMemoryError:
             row.setdefault("oom_batches", []).append(batch)
@@ -183,7 +217,7 @@ def timed_training(spec: str, manifest: Manifest, args: argparse.Namespace, devi
                    out: Path) -> dict[str, Any]:
     """``flare train SPEC --no-ray`` with ``optimizer.time_budget_s``: epochs and milestones fitted to the budget
     (platform/budget.py). Killed only if it overruns the budget by ``GRACE_S``. Then the validation-selected
-    checkpoint is evaluated on the test split: eval.json, ced.png, val_curve.png."""
+    checkpoint is evaluated on the test split (summary.json's ``train.eval``), ced.png, val_curve.png."""
     run_dir = Path(tempfile.mkdtemp(prefix="flare-gpu-run-")) / "run"
     cmd = [sys.executable, "-m", "flare.platform.cli", "train", str(JOBS / f"{spec}.yaml"), "--no-ray",
            "--run-dir", str(run_dir), "--device", device.type, "--set", f"data.manifest={manifest.path}",
@@ -233,7 +267,6 @@ def evaluate_best(checkpoints: Path, manifest: Manifest, device: torch.device, o
         return {"error": f"no checkpoint under {checkpoints}"}
     with tempfile.TemporaryDirectory() as tmp:
         result = evaluate_model(Predictor.from_dir(best, device.type), manifest.path.parent, "test", Path(tmp))
-        shutil.copyfile(Path(tmp) / "metrics.json", out / "eval.json")
         if (Path(tmp) / "ced.png").exists():
             shutil.copyfile(Path(tmp) / "ced.png", out / "ced.png")
     return {"checkpoint": best.name, **result}
@@ -280,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/gpu_run")))
     p.add_argument("--data", type=Path, default=REPO / "data" / "300w", help="a prepared 300W dataset")
     p.add_argument("--dry-run", action="store_true", help="jobs/tiny.yaml on CPU, a few steps")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: CPUs - 2; dry run 1)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: min(8, CPUs - 4), the "
+                   "rest for the launch-bound main thread; dry run 1)")
     p.add_argument("--batch", type=int, default=None, help="default: the spec's batch size")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -292,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     dry = args.dry_run
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
     specs = ["tiny"] if dry else ["300w_star", "300w_rwsa"]
-    args.workers = args.workers if args.workers is not None else (1 if dry else max(1, (os.cpu_count() or 4) - 2))
+    args.workers = args.workers if args.workers is not None else (1 if dry else max(1, min(8, (os.cpu_count() or 4) - 4)))
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 3)
     args.steps = args.steps if args.steps is not None else (2 if dry else 15)
     args.budget = args.budget if args.budget is not None else (20.0 if dry else 300.0)

@@ -19,7 +19,7 @@ import torch
 
 from flare.datasets.augment import AugmentConfig, augment_sample, to_tensor_image
 from flare.datasets.shards import LOOSE_FACTOR, SCHEMA_VERSION
-from flare.datasets.targets import point_heatmaps
+from flare.datasets.targets import point_heatmaps, point_heatmaps_torch
 from flare.models.decode import apply_affine, crop_to_label
 from flare.models.layouts import Layout, get_layout
 
@@ -134,8 +134,11 @@ class BatchBuilder:
     """
 
     def __init__(self, layout: Layout, input_size: int, augment: bool, seed: int = 0,
-                 config: AugmentConfig | None = None) -> None:
-        self.layout, self.size, self.seed = layout, input_size, seed
+                 config: AugmentConfig | None = None, compact: bool = False) -> None:
+        """``compact``: what a loader process hands over is ~10x smaller: ``image`` uint8 (B,3,S,S) BGR,
+        ``edge_targets`` uint8 (value x 255, rounded) and no ``point_targets``; :func:`expand_batch` turns
+        it into the full batch on the training device (the point maps are drawn there)."""
+        self.layout, self.size, self.seed, self.compact = layout, input_size, seed, compact
         self.augment = augment
         self.config = (config or AugmentConfig()) if augment else AugmentConfig.off()
 
@@ -161,17 +164,39 @@ class BatchBuilder:
             )
             pts = sample["landmarks"]
             m = sample["matrix"]  # loose crop -> training crop
-            out["image"].append(to_tensor_image(sample["image"]))
             out["landmarks_crop"].append(pts)
             out["landmarks"].append(np.clip(crop_to_label(pts, self.size), -1, 1))
-            out["point_targets"].append(point_heatmaps(pts, size=self.size, out=h))
-            out["edge_targets"].append(sample["edges"])
+            if self.compact:
+                out["image"].append(np.ascontiguousarray(sample["image"].transpose(2, 0, 1)))
+                out["edge_targets"].append(np.clip(np.rint(sample["edges"] * 255.0), 0, 255).astype(np.uint8))
+            else:
+                out["image"].append(to_tensor_image(sample["image"]))
+                out["point_targets"].append(point_heatmaps(pts, size=self.size, out=h))
+                out["edge_targets"].append(sample["edges"])
             out["cov"].append(sample["cov"] * to_hm**2)
             to_orig = arr["matrix"] @ np.linalg.inv(m)
             out["to_original"].append(to_orig)
             out["landmarks_original"].append(apply_affine(arr["landmarks"], arr["matrix"]))
+        if self.compact:
+            del out["point_targets"]
+            return {k: torch.from_numpy(np.stack(v)) if k in ("image", "edge_targets") else
+                    torch.as_tensor(np.stack(v), dtype=torch.float64 if k == "to_original" else torch.float32)
+                    for k, v in out.items()}
         return {k: torch.as_tensor(np.stack(v), dtype=torch.float64 if k in ("to_original",) else torch.float32)
                 for k, v in out.items()}
+
+
+def expand_batch(batch: dict[str, torch.Tensor], input_size: int) -> dict[str, torch.Tensor]:
+    """A compact batch (:class:`BatchBuilder` with ``compact=True``), already on its device, as the full one:
+    the image in [-1, 1] (x = (v - 127.5) / 127.5, method.md 1.5), edges / 255 and the point heatmaps
+    (7.2) drawn from ``landmarks_crop`` on the device. A full batch is returned unchanged."""
+    if "point_targets" in batch:
+        return batch
+    out = dict(batch)
+    out["image"] = (batch["image"].float() - 127.5) / 127.5
+    out["edge_targets"] = batch["edge_targets"].float() / 255.0
+    out["point_targets"] = point_heatmaps_torch(batch["landmarks_crop"], size=input_size, out=input_size // 4)
+    return out
 
 
 def hash_id(text: str) -> int:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flare.datasets.ingest import BatchBuilder, Manifest, iter_local_rows, load_manifest
+from flare.datasets.ingest import BatchBuilder, Manifest, expand_batch, iter_local_rows, load_manifest
 from flare.files import atomic_write_bytes
 from flare.models.decode import apply_affine, decoders_for
 from flare.models.layouts import Layout
@@ -146,7 +146,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     ddp_model = session.prepare_model(model)
     forward = torch.compile(ddp_model) if job.compile else ddp_model
     per_worker = job.optimizer.batch_size // session.world_size
-    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed)
+    # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
+    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True)
     gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
     epoch, going = start_epoch, start_epoch < plan.epochs
     while going:
@@ -154,7 +155,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
         stats, t0 = EpochStats(), time.perf_counter()
         batches = WaitClock(session_batches(session, epoch, per_worker, builder))
         for host in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+            batch = expand_batch({k: v.to(device, non_blocking=True) for k, v in host.items()}, job.data.input_size)
             image = batch["image"].contiguous(memory_format=torch.channels_last) if fast else batch["image"]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 outputs = forward(image)

@@ -19,7 +19,7 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["ced.png", "eval.json", "gpu_run.log", "summary.json", "throughput.md", "train_log.txt",
+    assert files == ["ced.png", "gpu_run.log", "profile.txt", "summary.json", "throughput.md", "train_log.txt",
                      "train_metrics.jsonl", "val_curve.png"]  # at most 8 files come back from the device
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["throughput"]
@@ -27,6 +27,8 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     for r in rows:
         assert r["images_per_s"] > 0 and 0.0 <= r["data_wait"] <= 1.0 and r["batch"] == 16
         assert r["train_flops_per_image"] > 1e8  # the tiny model at 64 px: ~0.2 GFLOP forward
+    assert "profile" not in rows[0] and rows[1]["profile"]["wall_ms"] > 0  # the bf16 row is profiled
+    assert "ms/step wall" in (out / "profile.txt").read_text()
     assert (out / "throughput.md").read_text().count("| tiny |") == 2
     env_facts = summary["env"]
     assert env_facts["device"] == "cpu" and not env_facts["ray_imported"] and not env_facts["mlflow_imported"]
@@ -36,6 +38,6 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     assert train["epochs_done"] == len(epochs) == train["planned_epochs"] and 1 <= len(epochs) <= 2
     for e in epochs:
         assert 0.0 <= e["data_wait"] <= 1.0
-    test = json.loads((out / "eval.json").read_text())
+    test = train["eval"]
     assert test["count"] == 224 and test["subsets"]["common"]["count"] == 224 and train["eval"]["checkpoint"].startswith("epoch_")
     assert (out / "train_log.txt").exists() and "training tiny" in (out / "gpu_run.log").read_text()

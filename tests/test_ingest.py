@@ -19,6 +19,7 @@ from flare.datasets.ingest import (
     BatchBuilder,
     Manifest,
     ManifestError,
+    expand_batch,
     iter_local_rows,
     load_manifest,
     ray_dataset,
@@ -209,3 +210,24 @@ def test_ray_dataset_counts_match_the_manifest(ray_cluster, synth: Manifest) -> 
     assert ray_dataset(synth, "train", limit=3).count() == 3
     ids = {r["sample_id"] for r in ray_dataset(synth, "val").take_all()}
     assert ids == set(pq.read_table(synth.shard_paths("val")).column("sample_id").to_pylist())
+
+
+def test_compact_batch_expands_to_the_full_batch(synth: Manifest, train_rows: list[dict]) -> None:
+    """What loader processes hand over (uint8 image and edges, no point maps) is ~10x smaller, and
+    :func:`expand_batch` on the device gives the full batch back: the image exactly, the point maps to
+    float rounding, the edges to their uint8 step."""
+    rows = train_rows[:6]
+    full = BatchBuilder(synth.layout, 256, augment=True, seed=3)(rows, epoch=2)
+    small = BatchBuilder(synth.layout, 256, augment=True, seed=3, compact=True)(rows, epoch=2)
+    assert small["image"].dtype == torch.uint8 and small["edge_targets"].dtype == torch.uint8
+    assert "point_targets" not in small
+    size = lambda b: sum(v.numel() * v.element_size() for v in b.values())
+    assert size(full) > 8 * size(small)
+    out = expand_batch(small, 256)
+    assert set(out) == set(full)
+    assert torch.equal(out["image"], full["image"])
+    assert (out["point_targets"] - full["point_targets"]).abs().max() < 1e-5
+    assert (out["edge_targets"] - full["edge_targets"]).abs().max() <= 0.5 / 255 + 1e-6
+    for key in ("landmarks", "landmarks_crop", "cov", "to_original", "landmarks_original"):
+        assert torch.equal(out[key], full[key]), key
+    assert expand_batch(full, 256) is full
