@@ -92,6 +92,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     layout = loaders.manifest.layout
     torch.manual_seed(job.seed)
     cl = precision.startswith("bf16+channels_last")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train_worker
     model = build_model(job, layout).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-set", action="append", default=[], help="extra --set for the training run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
     p.add_argument("--case", default=None, help="SPEC:PRECISION: only this throughput row, into OUT/case.json")
+    p.add_argument("--specs", nargs="+", default=None, help="throughput rows of these specs only")
+    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS, help="these precisions only")
+    p.add_argument("--throughput-only", action="store_true", help="no training run (a short window)")
     args = p.parse_args(argv)
     dry = args.dry_run
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
@@ -363,11 +367,14 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "case.json").write_text(json.dumps(rows[0], default=str) + "\n")
         return
     try:
-        for spec in specs:
-            for precision in PRECISIONS:
+        for spec in args.specs or specs:
+            for precision in args.precisions or PRECISIONS:
                 case(spec, precision)
+                write_table(rows, args.out, peak)  # after every row: a window cut short keeps what it measured
         print(write_table(rows, args.out, peak), flush=True)
         summary["throughput"] = rows
+        if args.throughput_only:
+            return
         summary["train"] = timed_training(specs[0], manifest, args, device, args.out)
         t = summary["train"]
         print(f"training {t['spec']}: {t['epochs_done']} of {t['planned_epochs']} planned epochs in {t['wall_s']:.0f} s "

@@ -285,12 +285,22 @@ def predict(
     no_detect: Annotated[bool, typer.Option("--no-detect", help="use the whole image as the face")] = False,
     backend: Annotated[str, typer.Option("--backend", help="torch | onnx (onnxruntime; MODEL may be an "
                                          "exported .onnx file)")] = "torch",
+    ellipses: Annotated[bool, typer.Option("--ellipses", help="draw each landmark's 2-sigma covariance "
+                                           "ellipse on the overlays (torch backend)")] = False,
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="predict twice: the second time from "
+                                         "the training crop of the first landmarks (2x the model time; "
+                                         "bench/boxes.py measures the gain)")] = False,
+    detector: Annotated[str, typer.Option("--detector", help="haar (OpenCV, default) | dlib (HOG) | dlib_cnn "
+                                          "(MMOD); the dlib ones need the peers extra: dlib-bin, face-recognition-models")] = "haar",
 ) -> None:
     """Landmarks per image (original pixels) as JSON plus an overlay PNG, and predictions.jsonl of all.
+    The torch backend adds per-landmark covariances (px²) and confidences to the JSON.
     Bad images are reported and the others still processed; the exit code is 1 if any image failed."""
     from flare.platform.onnx_backend import load_landmarks
     from flare.platform.predict_files import predict_files
 
+    if ellipses and backend == "onnx":
+        raise ValueError("--ellipses: the onnx backend outputs landmarks only (no heatmaps); use --backend torch")
     boxes = None
     if box is not None:
         import math
@@ -304,8 +314,13 @@ def predict(
         if not all(math.isfinite(v) for v in values) or values[2] <= 0 or values[3] <= 0:
             raise ValueError(f"--box {box!r}: x,y,w,h must be finite with w and h > 0")
         boxes = [values]
+    from flare.platform.refine import check_options
+
+    passes = 2 if refine else 1
+    check_options(detector, passes, load=not no_detect and box is None)
     predictor = load_landmarks(model, backend)
-    failures = predict_files(predictor, images, out, boxes, detect=not no_detect, log=typer.echo)
+    failures = predict_files(predictor, images, out, boxes, detect=not no_detect, log=typer.echo,
+                             ellipses=ellipses, detector=detector, passes=passes)
     for path, reason in failures:
         typer.echo(f"error: {path}: {reason}", err=True)
     if failures:

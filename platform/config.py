@@ -36,8 +36,9 @@ class DataConfig(_Section):
     max_val_samples: int | None = Field(None, ge=1, description="use only the first N validation faces")
     input_size: int = Field(256, ge=64, le=256, description="crop side S in px; heatmaps are S/4")
     augment: bool = Field(True, description="STAR augmentation (method.md 8.2) on training samples")
-    loader_workers: int = Field(0, ge=0, le=64, description="--no-ray: processes building training batches "
-                                "ahead of the step (0: in the training process); batches do not depend on it")
+    loader_workers: int = Field(0, ge=0, le=64, description="processes (--no-ray) or Ray Data actors per worker "
+                                "(Ray, 1 CPU each) building training batches ahead of the step (0: in the "
+                                "training process); batches do not depend on it")
 
 
 class ModelConfig(_Section):
@@ -131,7 +132,7 @@ class ScalingConfig(_Section):
 
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker (nccl)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; leave some for Ray Data")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="where Ray places the workers: PACK (few nodes), SPREAD (many nodes, best effort), "
         "STRICT_SPREAD (one worker per node, needs workers <= nodes)")

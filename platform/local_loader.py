@@ -143,14 +143,6 @@ class LocalLoader:
 
 
 
-def session_batches(session: Any, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
-    """Ready batches of ``epoch``: the session's own ``train_batches`` when it has one (the local
-    loader), else ``builder`` applied in this process to each of ``session.train_rows``."""
-    if hasattr(session, "train_batches"):
-        return iter(session.train_batches(epoch, batch_size, builder))
-    return (builder(rows, epoch) for rows in session.train_rows(epoch, batch_size))
-
-
 class WaitClock:
     """Iterates ``items`` and sums the wall seconds spent in ``next()`` (the step waiting for data)."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flare.platform.config import ConfigError, parse_job
+from flare.platform.tracking import END_KEY
 from flare.platform.train_loop import VAL_METRIC
 
 IMPORT_TAG = "flare.local_run"  # sha256 of metrics.jsonl: the identity of an imported run directory
@@ -53,6 +54,16 @@ def selected_epoch(metrics: list[dict[str, Any]], run_dir: Path) -> tuple[dict[s
     raise ConfigError(f"{run_dir}: no checkpoint under checkpoints/ for any recorded epoch")
 
 
+def run_times(metrics: list[dict[str, Any]], run_dir: Path) -> tuple[float, float]:
+    """When the training ran (unix s): the first epoch's start and the last epoch's end, as the loop wrote
+    them; for run directories written before that, host.json's and metrics.jsonl's modification times."""
+    first, last = metrics[0], metrics[-1]
+    if END_KEY in first and END_KEY in last:
+        return float(first[END_KEY]) - float(first.get("epoch_time_s", 0.0)), float(last[END_KEY])
+    jsonl, host = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "host.json"
+    return (host if host.is_file() else jsonl).stat().st_mtime, jsonl.stat().st_mtime
+
+
 def import_local_run(run_dir: Path, tracking_uri: str | None = None, registered_model: str | None = None,
                      champion: bool = False, log=print) -> dict[str, Any]:
     """Log ``run_dir`` as one MLflow run (metrics per epoch, val-selected model, registration) and,
@@ -83,8 +94,9 @@ def import_local_run(run_dir: Path, tracking_uri: str | None = None, registered_
     if seen:
         raise ConfigError(f"{run_dir}: already imported as MLflow run {seen[0].info.run_id} "
                           f"(experiment {job.mlflow.experiment})")
+    started, ended = run_times(metrics, run_dir)  # the training's times, not the import's
     run_id, _ = open_run(job, uri, tags={IMPORT_TAG: fingerprint, "flare.local_run_dir": str(run_dir),
-                                         "flare.kind": "local"})
+                                         "flare.kind": "local"}, start_s=started)
     try:
         logger = tracking.EpochLogger(uri, run_id)
         for m in metrics:
@@ -94,6 +106,7 @@ def import_local_run(run_dir: Path, tracking_uri: str | None = None, registered_
             client.log_artifact(run_id, str(host))
         client.set_tag(run_id, "flare.selected_epoch", str(best["epoch"]))
         outcome = finish_run(job, ckpt, run_id, uri, log)
+        tracking.end_run(client, run_id, "FINISHED", ended)
     except BaseException:
         client.delete_run(run_id)  # nothing half-imported: a re-run starts clean
         raise

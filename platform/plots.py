@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,66 @@ def draw_landmarks(image: np.ndarray, points: np.ndarray, color: tuple[int, int,
     return out
 
 
-def tile_grid(tiles: list[np.ndarray], tile: int) -> np.ndarray:
-    """Square-ish grid of equally sized BGR tiles (black where the grid has no tile)."""
-    cols = int(np.ceil(np.sqrt(len(tiles))))
-    rows = int(np.ceil(len(tiles) / cols))
+def draw_ellipses(image: np.ndarray, points: np.ndarray, covs: np.ndarray, color: tuple[int, int, int],
+                  sigmas: float = 2.0) -> np.ndarray:
+    """Draw each point's ``sigmas``-sigma covariance ellipse (axes sigmas·sqrt(λ) along the eigenvectors of
+    its (2, 2) px² covariance, STAR Fig. 3/7) onto a copy of a BGR image; sub-pixel, 1 px anti-aliased."""
+    out = image.copy()
+    shift = 4  # cv2's fixed-point bits: centre and axes in 1/16 px
+    cap = 4.0 * max(image.shape[:2])  # keeps a near-uniform map's ellipse within int range
+    for p, c in zip(np.asarray(points, np.float64), np.asarray(covs, np.float64)):
+        if not (np.isfinite(p).all() and np.isfinite(c).all()):
+            continue
+        lam, vec = np.linalg.eigh(c)  # ascending: vec[:, 1] is the major axis
+        half = np.minimum(sigmas * np.sqrt(np.clip(lam, 0.0, None)), cap) * (1 << shift)
+        angle = float(np.degrees(np.arctan2(vec[1, 1], vec[0, 1])))
+        center = (round(p[0] * (1 << shift)), round(p[1] * (1 << shift)))
+        cv2.ellipse(out, center, (round(half[1]), round(half[0])), angle, 0, 360, color, 1, cv2.LINE_AA, shift)
+    return out
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) that ``n`` tiles fill without a gap: the squarest factorisation of ``n`` (one row up to 8
+    tiles, else at most 2 x rows + 1 wide), or of the largest smaller count that has one."""
+    for m in range(n, 0, -1):
+        rows = max(r for r in range(1, math.isqrt(m) + 1) if m % r == 0)
+        if m // rows <= (8 if rows == 1 else 2 * rows + 1):
+            return rows, m // rows
+    return 0, 0
+
+
+def tile_grid(tiles: list[np.ndarray], tile: int, gapless: bool = False) -> np.ndarray:
+    """Square-ish grid of equally sized BGR tiles (black where the grid has no tile); ``gapless``: shaped by
+    :func:`grid_shape`, with no empty cell (tiles beyond it are left out)."""
+    if gapless:
+        rows, cols = grid_shape(len(tiles))
+        tiles = tiles[: rows * cols]
+    else:
+        cols = int(np.ceil(np.sqrt(len(tiles))))
+        rows = int(np.ceil(len(tiles) / cols))
     grid = np.zeros((rows * tile, cols * tile, 3), np.uint8)
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
         grid[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = t
     return grid
+
+
+KEY_HEIGHT = 28  # px of the colour key below a figure grid
+
+
+def with_key(grid: np.ndarray, entries: list[tuple[str, tuple[int, int, int], str]]) -> np.ndarray:
+    """``grid`` with a colour key below it: per entry a marker ("dot" or "ellipse") in its BGR colour and
+    its label, on dark grey."""
+    strip = np.full((KEY_HEIGHT, grid.shape[1], 3), 40, np.uint8)
+    x, mid, font = 8, KEY_HEIGHT // 2, cv2.FONT_HERSHEY_SIMPLEX
+    for label, color, marker in entries:
+        if marker == "dot":
+            cv2.circle(strip, (x + 6, mid), 5, color, -1, cv2.LINE_AA)
+        else:
+            cv2.ellipse(strip, (x + 7, mid), (7, 4), 0, 0, 360, color, 2, cv2.LINE_AA)
+        cv2.putText(strip, label, (x + 18, mid + 5), font, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        x += 34 + cv2.getTextSize(label, font, 0.45, 1)[0][0]
+    return np.concatenate([grid, strip])
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
@@ -75,11 +127,12 @@ def write_png(path: Path, image: np.ndarray) -> Path:
 
 
 GT_COLOR, PRED_COLOR = (0, 255, 0), (0, 0, 255)  # BGR: ground truth green, prediction red
+ELLIPSE_COLOR = (0, 200, 255)  # BGR amber: covariance ellipses
 
 
 def overlay_grid(images: list[np.ndarray], preds: list[np.ndarray], gts: list[np.ndarray] | None, path: Path,
                  tile: int = 256, titles: list[str] | None = None) -> Path:
-    """A grid of images with predictions (red) and ground truth (green), written as PNG."""
+    """A grid of images with predictions (red) and ground truth (green) and a colour key, written as PNG."""
     tiles = []
     for i, img in enumerate(images):
         t = draw_landmarks(img, gts[i], GT_COLOR) if gts is not None else img
@@ -88,7 +141,9 @@ def overlay_grid(images: list[np.ndarray], preds: list[np.ndarray], gts: list[np
         if titles:
             cv2.putText(t, titles[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(t)
-    return write_png(path, tile_grid(tiles, tile))
+    key = [("ground truth", GT_COLOR, "dot")] if gts is not None else []
+    key.append(("prediction", PRED_COLOR, "dot"))
+    return write_png(path, with_key(tile_grid(tiles, tile, gapless=True), key))
 
 
 def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[np.ndarray], path: Path,
@@ -105,9 +160,10 @@ def ellipse_grid(images: list[np.ndarray], means: list[np.ndarray], covs: list[n
             angle = float(np.degrees(np.arctan2(vec[1, 1], vec[0, 1])))
             axes = (max(1, round(scale * np.sqrt(lam[1]) * k)), max(1, round(scale * np.sqrt(lam[0]) * k)))
             center = (round((m[0] + 0.5) * k - 0.5), round((m[1] + 0.5) * k - 0.5))
-            cv2.ellipse(t, center, axes, angle, 0, 360, (0, 200, 255), 1, cv2.LINE_AA)
+            cv2.ellipse(t, center, axes, angle, 0, 360, ELLIPSE_COLOR, 1, cv2.LINE_AA)
         tiles.append(t)
-    return write_png(path, tile_grid(tiles, tile))
+    key = [(f"{scale:g} sd of each landmark's heatmap distribution", ELLIPSE_COLOR, "ellipse")]
+    return write_png(path, with_key(tile_grid(tiles, tile, gapless=True), key))
 
 
 # ---------------------------------------------------------------------------------------------- tune

@@ -18,8 +18,10 @@ import numpy as np
 
 from flare.datasets.records import DEFAULT_MAX_PIXELS, DataError, read_image_bgr
 from flare.files import atomic_write_bytes
-from flare.platform.plots import PRED_COLOR, draw_landmarks, write_png
-from flare.platform.predictor import Predictor
+from flare.losses.uncertainty import describe
+from flare.platform.plots import ELLIPSE_COLOR, PRED_COLOR, draw_ellipses, draw_landmarks, write_png
+from flare.platform.predictor import FaceUncertainty, Predictor
+from flare.platform.refine import DEFAULT_COMBINE, check_options, combine_passes, refine_faces
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what the header check reads
 RESULTS_FILE = "predictions.jsonl"
@@ -68,8 +70,20 @@ def check_box(box: Sequence[float], width: int, height: int) -> np.ndarray:
 
 def predict_files(predictor: Predictor, images: Sequence[Path], out: Path, boxes: list | None = None,
                   detect: bool = True, log: Callable[[str], None] = print,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[tuple[str, str]]:
-    """Predict every image (files or folders); returns ``(path, reason)`` for the images that failed."""
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, ellipses: bool = False, detector: str = "haar",
+                  passes: int = 1, combine: str = DEFAULT_COMBINE) -> list[tuple[str, str]]:
+    """Predict every image (files or folders); returns ``(path, reason)`` for the images that failed.
+    ``detector``, ``passes`` (re-crops from the predicted landmarks) and ``combine``: :mod:`flare.platform.refine`
+    (covariances and confidences are the last pass's).
+
+    A torch :class:`Predictor` also writes per face ``covariance`` (N, 2, 2) original px² and ``confidence``
+    (N) with their definitions under ``uncertainty`` (losses/uncertainty.py); ``ellipses`` draws their 2-sigma
+    ellipses on the overlays. The ONNX backend outputs landmarks only: no such fields, ``ellipses`` refused."""
+    uncertain = isinstance(predictor, Predictor)
+    if ellipses and not uncertain:
+        raise ValueError("--ellipses: the onnx backend outputs landmarks only (no heatmaps); use --backend torch")
+    check_options(detector, passes, load=detect and not boxes, combine=combine)
+    found: list[FaceUncertainty] = []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[str, str]] = []
@@ -79,7 +93,15 @@ def predict_files(predictor: Predictor, images: Sequence[Path], out: Path, boxes
             image = read_image_bgr(path, max_pixels)
             h, w = image.shape[:2]
             given = np.stack([check_box(b, w, h) for b in boxes]) if boxes else None
-            faces = predictor.predict(image, boxes=given, detect=detect)
+            earlier: list[np.ndarray] = []
+            if passes > 1 or detector != "haar":  # the last pass's crops; predicted below
+                given, earlier = refine_faces(predictor, image, given, detect, detector, passes)
+            if uncertain:
+                found = predictor.predict_with_uncertainty(image, boxes=given, detect=detect)
+                faces = [f.landmarks for f in found]
+            else:
+                faces = predictor.predict(image, boxes=given, detect=detect)
+            faces = combine_passes(earlier, faces, combine)
         except (DataError, ValueError, cv2.error) as err:
             failures.append((str(path), str(err).splitlines()[0]))
             continue
@@ -89,11 +111,17 @@ def predict_files(predictor: Predictor, images: Sequence[Path], out: Path, boxes
         record = {"image": str(path), "output": str(stem), "layout": predictor.layout.name, "width": w,
                   "height": h, "faces": [f.round(4).tolist() for f in faces],
                   "coordinates": "original image pixels, 0-based pixel centres, (x, y)"}
+        if uncertain:
+            record.update(covariance=[f.covariance.round(6).tolist() for f in found],
+                          confidence=[f.confidence.round(4).tolist() for f in found],
+                          uncertainty=describe(predictor.distribution, predictor.temperature))
         target = out / stem
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target.with_name(f"{stem.name}.json"), (json.dumps(record) + "\n").encode())
         overlay = image
-        for f in faces:
+        for i, f in enumerate(faces):
+            if ellipses:
+                overlay = draw_ellipses(overlay, f, found[i].covariance, ELLIPSE_COLOR, sigmas=2.0)
             overlay = draw_landmarks(overlay, f, PRED_COLOR)
         write_png(target.with_name(f"{stem.name}_overlay.png"), overlay)
         records.append(record)

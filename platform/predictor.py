@@ -11,13 +11,14 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 import torch
 
 from flare.datasets.augment import crop_matrix, to_tensor_image
+from flare.losses.uncertainty import covariance_to_original, distribution_for, heatmap_uncertainty
 from flare.models.decode import apply_affine, check_decoder, decode_heatmaps, label_to_crop
 from flare.models.hourglass import StackedHourglass
 from flare.models.layouts import Layout, get_layout
@@ -34,6 +35,15 @@ HAAR_SIDE_GAIN, HAAR_SHIFT_DOWN = 0.869, 0.154
 
 class ModelLoadError(ValueError):
     """A model URI or directory that cannot be loaded; ``str()`` is one line naming it."""
+
+
+class FaceUncertainty(NamedTuple):
+    """One face: ``landmarks`` (N, 2) px as :meth:`Predictor.predict` returns them, ``covariance`` (N, 2, 2) px²
+    and ``confidence`` (N,) in [0, 1] (losses/uncertainty.py), all in original image px."""
+
+    landmarks: np.ndarray
+    covariance: np.ndarray
+    confidence: np.ndarray
 
 
 @dataclass
@@ -153,29 +163,46 @@ class Predictor:
 
     def predict_crops(self, image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """Landmarks (F, N, 2) in original px for faces given by crop centres/scales (method.md 1.2, 1.4)."""
-        size = self.input_size
-        mats, crops = [], []
-        for c, s in zip(centers, scales):
-            m = crop_matrix(np.asarray(c, np.float64), float(s), size)
-            crops.append(to_tensor_image(cv2.warpAffine(image_bgr, m[:2], (size, size), flags=cv2.INTER_LINEAR,
-                                                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)))
-            mats.append(np.linalg.inv(m))
-        return self.predict_batch(torch.stack(crops), np.stack(mats))
+        return self.predict_batch(*crop_batch(image_bgr, centers, scales, self.input_size))
 
     def predict(self, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True) -> list[np.ndarray]:
         """(N, 2) landmarks in original px per face. ``boxes`` (F, 4) as x, y, w, h; else faces are
         found with OpenCV's Haar cascade, or the whole image is one face when ``detect`` is False."""
-        image_bgr = _as_bgr(image_bgr)
-        if boxes is None:
-            boxes = detect_faces(image_bgr) if detect else whole_image_box(image_bgr)
-            haar = detect
-        else:
-            haar = False
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        if len(boxes) == 0:
+        image_bgr, centers, scales = face_crops(image_bgr, boxes, detect)
+        if len(centers) == 0:
             return []
-        centers, scales = boxes_to_crops(boxes, haar)
         return list(self.predict_crops(image_bgr, centers, scales))
+
+    # ------------------------------------------------------------------------------------ uncertainty
+
+    @property
+    def distribution(self) -> str:
+        """What the maps are read as for uncertainty: ``"softmax"`` (softmax(F/ε), ε = ``temperature``) for
+        RwSA's signed scores, ``"normalised"`` (F/ΣF, STAR Eq. 1) otherwise (losses/uncertainty.py)."""
+        return distribution_for(self.job.objective.name if self.job is not None else None, self.decoder)
+
+    def uncertainty_batch(self, images: torch.Tensor, to_original: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Landmarks (B, N, 2) as :meth:`predict_batch`, covariances (B, N, 2, 2) px² in the same frame and
+        confidences (B, N), from one forward pass. Σ_crop = A Σ_hm Aᵀ with A = diag(S/(w−1), S/(h−1)) (method.md
+        1.4); Σ_img = L Σ_crop Lᵀ with L the linear part of ``to_original`` (B, 3, 3)."""
+        maps = self.heatmaps(images)
+        p = self.decode(maps)
+        u = heatmap_uncertainty(maps.double(), self.distribution, self.temperature)
+        m = None if to_original is None else np.asarray(to_original, np.float64)
+        cov = covariance_to_original(u.cov.cpu().numpy(), *maps.shape[-2:], self.input_size, m)
+        if m is not None:
+            p = np.asarray(apply_affine(p, m), np.float64)
+        return p, cov, u.confidence.cpu().numpy()
+
+    def predict_with_uncertainty(self, image_bgr: np.ndarray, boxes: np.ndarray | None = None,
+                                 detect: bool = True) -> list[FaceUncertainty]:
+        """:meth:`predict` plus, per landmark, the heatmap covariance (original px²) and a confidence."""
+        image_bgr, centers, scales = face_crops(image_bgr, boxes, detect)
+        if len(centers) == 0:
+            return []
+        return [FaceUncertainty(*face) for face in
+                zip(*self.uncertainty_batch(*crop_batch(image_bgr, centers, scales, self.input_size)))]
 
 
 def resolve_run_model(run_id: str, name: str) -> str:
@@ -187,6 +214,33 @@ def resolve_run_model(run_id: str, name: str) -> str:
         if m.name == name:
             return m.model_uri
     raise ModelLoadError(f"run {run_id}: no logged model named {name!r}")
+
+
+def face_crops(image_bgr: np.ndarray, boxes: np.ndarray | None, detect: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(BGR image, crop centres (F, 2), scales (F,))`` by :meth:`Predictor.predict`'s rule for boxes/detect."""
+    image_bgr = _as_bgr(image_bgr)
+    if boxes is None:
+        boxes = detect_faces(image_bgr) if detect else whole_image_box(image_bgr)
+        haar = detect
+    else:
+        haar = False
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return image_bgr, np.zeros((0, 2)), np.zeros(0)
+    return (image_bgr, *boxes_to_crops(boxes, haar))
+
+
+def crop_batch(image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray, size: int
+               ) -> tuple[torch.Tensor, np.ndarray]:
+    """Crops (F, 3, S, S) and their crop -> original matrices M⁻¹ (F, 3, 3) (method.md 1.2, 1.4)."""
+    mats, crops = [], []
+    for c, s in zip(centers, scales):
+        m = crop_matrix(np.asarray(c, np.float64), float(s), size)
+        crops.append(to_tensor_image(cv2.warpAffine(image_bgr, m[:2], (size, size), flags=cv2.INTER_LINEAR,
+                                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)))
+        mats.append(np.linalg.inv(m))
+    return torch.stack(crops), np.stack(mats)
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:

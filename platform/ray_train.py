@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from flare.datasets.ingest import Manifest, load_manifest, ray_dataset
+from flare.datasets.ingest import BatchBuilder, Manifest, iter_local_rows, load_manifest
 from flare.platform.builders import build_model
 from flare.platform.checkpoints import (
     check_resume,
@@ -31,6 +32,7 @@ from flare.platform.checkpoints import (
 )
 from flare.platform.config import ConfigError, JobConfig
 from flare.platform.progress import EpochPrinter
+from flare.platform.ray_batches import ACTOR_CPUS, RankBatches
 from flare.platform.train_loop import VAL_METRIC, train_worker
 
 
@@ -46,6 +48,8 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.job, self.resume_from = job, resume_from
+        self.manifest = load_manifest(job.data.manifest)  # driver-resolved absolute paths
+        self.batches: RankBatches | None = None
         self.reports: list[dict[str, Any]] = []  # this execution's reports (rank 0 returns them)
         self.logger = None
         if self.rank == 0 and tracking_uri and run_id:
@@ -53,21 +57,23 @@ class RaySession:
 
             self.logger = EpochLogger(tracking_uri, run_id, key=VAL_METRIC)
 
-    def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=4 * batch_size,
-                                        local_shuffle_seed=self.job.seed * 100003 + epoch):
-            yield batch.to_pylist()
+    def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of ``epoch``: those of ``flare train --no-ray`` for one worker, every
+        ``world_size``-th for several (:mod:`flare.platform.ray_batches`)."""
+        if self.batches is None:
+            self.batches = RankBatches(
+                self.manifest, self.job.data.train_split, batch_size, builder, self.rank, self.world_size,
+                limit=self.job.data.max_train_samples, shuffle_base=self.job.seed * 100003,
+                actors=self.job.data.loader_workers, last_epoch=self.job.optimizer.epochs - 1)
+        return self.batches.epoch(epoch)
 
     def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
-        import ray.train
+        """The validation split, read from the shards by this worker (rank 0 validates)."""
+        return iter_local_rows(self.manifest, self.job.data.val_split, batch_size, self.job.data.max_val_samples)
 
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size,
-                                                                      batch_format="pyarrow"):
-            yield batch.to_pylist()
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -162,7 +168,10 @@ def _ray_entry(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     job = parse_job(config["job"])
     session = RaySession(job, config.get("tracking_uri"), config.get("run_id"), config.get("resume_from"))
-    train_worker(config["job"], session)
+    try:
+        train_worker(config["job"], session)
+    finally:
+        session.close()
     if session.logger is not None:
         session.logger.flush()  # epochs buffered while the tracking server was unreachable
     return session.reports
@@ -203,21 +212,21 @@ def check_job(job: JobConfig) -> Manifest:
     return manifest
 
 
-DATA_CPU_HEADROOM = 1.0  # CPUs Ray Data needs beside the workers (its read tasks ask for a full CPU)
-
-
 def check_resources(job: JobConfig) -> None:
-    """Fail fast instead of hanging: the workers must leave CPU for Ray Data's ingest (measured: on a
-    2-CPU cluster, 2 workers x 1 CPU never receive a batch), and STRICT_SPREAD needs a node per worker."""
+    """Fail fast instead of hanging: the workers and their batch-building actors (``data.loader_workers``
+    per worker, ACTOR_CPUS each) must fit the cluster's CPUs, and STRICT_SPREAD needs a node per worker."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    need = job.scaling.workers * job.scaling.cpus_per_worker
-    if need + DATA_CPU_HEADROOM > total:
+    workers = job.scaling.workers * job.scaling.cpus_per_worker
+    actors = job.scaling.workers * job.data.loader_workers * ACTOR_CPUS
+    if workers + actors > total:
         raise ConfigError(
-            f"scaling: {job.scaling.workers} workers x {job.scaling.cpus_per_worker} CPU leave no CPU for data "
-            f"ingest on this {total:g}-CPU cluster; lower scaling.cpus_per_worker or scaling.workers"
-        )
+            f"scaling: {job.scaling.workers} workers x {job.scaling.cpus_per_worker} CPU"
+            + (f" + {job.scaling.workers} x {job.data.loader_workers} batch builders x {ACTOR_CPUS:g} CPU"
+               if actors else "")
+            + f" do not fit this {total:g}-CPU cluster; lower scaling.cpus_per_worker, scaling.workers or "
+            "data.loader_workers")
     if job.scaling.placement_strategy == "STRICT_SPREAD":  # one worker per node: never placeable otherwise
         per_worker = {"CPU": job.scaling.cpus_per_worker, "GPU": 1.0 if job.scaling.use_gpu else 0.0}
         nodes = [n for n in ray.nodes() if n.get("Alive") and
@@ -229,31 +238,42 @@ def check_resources(job: JobConfig) -> None:
 
 
 def open_run(job: JobConfig, tracking_uri: str, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> tuple[str, str]:
-    """Start (and close) the MLflow run of one training run: params, job.json and the Ray run name
-    as a tag. Nested under ``parent_run_id`` when given (a Tune trial). Returns (run_id, ray name)."""
-    import mlflow
+             tags: dict[str, str] | None = None, run_name: str | None = None,
+             start_s: float | None = None) -> tuple[str, str]:
+    """Open the MLflow run of one training run (started at ``start_s``, default now), left RUNNING until
+    :func:`flare.platform.tracking.end_run` ends it: params, job.json, the data's dataset input and the Ray
+    run name as a tag. Nested under ``parent_run_id`` when given (a Tune trial). Returns (run_id, ray name)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
 
+    from flare.platform import tracking
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(job.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else tracking.setup(tracking_uri, job.mlflow.experiment)
+    data = tracking.job_data_input(job)  # reads the manifest: a missing one fails before the run exists
     all_tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-    with mlflow.start_run(run_name=job.name, tags=all_tags) as run:
-        run_id = run.info.run_id
-        name = f"{job.name}-{run_id[:8]}"
-        mlflow.set_tag("flare.ray_run_name", name)
-        mlflow.log_params({k: str(v)[:500] for k, v in job.flat().items()})
-        mlflow.log_dict(job.model_dump(mode="json"), "job.json")
+    run = client.create_run(exp_id, start_time=None if start_s is None else int(start_s * 1000), tags=all_tags,
+                            run_name=(run_name or job.name)[:250])
+    run_id = run.info.run_id
+    name = f"{job.name}-{run_id[:8]}"
+    client.set_tag(run_id, "flare.ray_run_name", name)
+    params = [Param(k, str(v)[:500]) for k, v in job.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_dict(run_id, job.model_dump(mode="json"), "job.json")
+    client.log_inputs(run_id, datasets=[data])
     return run_id, name
 
 
 def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, tracking_uri: str | None,
                  run_id: str | None, resume_from: Path | None = None, worker_env: dict[str, str] | None = None,
                  callbacks: list | None = None):
-    """The ``TorchTrainer`` of one run: workers from ``job.scaling``, the train split sharded and the
-    val split whole, best-k-by-val-NME checkpoints and worker-failure restarts."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    """The ``TorchTrainer`` of one run: workers from ``job.scaling`` (each reads its batches from the
+    shards, :mod:`flare.platform.ray_batches`), best-k-by-val-NME checkpoints and worker-failure restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    datasets = {"train": ray_dataset(manifest, job.data.train_split, job.data.max_train_samples),
-                "val": ray_dataset(manifest, job.data.val_split, job.data.max_val_samples)}
     return TorchTrainer(
         _ray_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
@@ -269,8 +289,6 @@ def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, t
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
             worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -288,6 +306,8 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
     interrupted run: it continues from that run's latest checkpoint without redoing finished epochs, with
     the same spec except the keys named in ``allow_changes``. Every check (spec, data, resources, resume)
     passes before the MLflow run or the run folder is created."""
+    import time
+
     import mlflow
 
     from flare.platform import tracking
@@ -307,21 +327,27 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
         resume_from, run_id = latest_checkpoint(storage / name), resume
         if resume_from is not None:
             check_resume(resume_from, job, allow_changes)
+        mlflow.MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")  # ended again when training ends
     else:
         run_id, name = open_run(job, tracking_uri)
     norm = manifest.layout.default_normaliser.replace("_", "-")
-    with epoch_lines(EpochPrinter(job.optimizer.epochs, norm, log)) as relay:
+    printer = EpochPrinter(job.optimizer.epochs, norm, log)
+    with tracking.ended_on_error(tracking_uri, run_id), epoch_lines(printer) as relay:
         result = make_trainer(job, manifest, name, storage, tracking_uri, run_id, resume_from, worker_env,
                               callbacks=[relay]).fit()
+    ended, client = time.time(), mlflow.MlflowClient(tracking_uri)  # the run ends when its training does
     if result.error is not None:
-        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
+        tracking.end_run(client, run_id, "FAILED", ended)
         raise result.error
     best = best_checkpoint(result)
     local = local_copy(best)
+    status = "FAILED"
     try:
         outcome = finish_run(job, local, run_id, tracking_uri, log)
+        status = "FINISHED"
     finally:
         shutil.rmtree(local, ignore_errors=True)
+        tracking.end_run(client, run_id, status, ended)
     outcome.best_checkpoint = Path(best.path)  # in Ray storage (this machine's for the default ./runs)
     outcome.storage, outcome.history = storage / name, list(result.return_value or [])
     return outcome

@@ -1,4 +1,6 @@
-"""MLflow glue: tracking URI defaults, idempotent per-epoch logging, model logging and registry.
+"""MLflow glue: tracking URI defaults, idempotent per-epoch logging, model logging and registry, and what
+the run pages show: the metric names (:func:`chart_metrics`), the data's fingerprint (:func:`data_input`) and
+run end times (:func:`end_run`).
 
 Default store: ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts under ``<cwd>/mlruns/artifacts``;
 ``MLFLOW_TRACKING_URI`` or the job spec's ``mlflow.tracking_uri`` override it.
@@ -6,10 +8,15 @@ Default store: ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts under ``<cwd>
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,107 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
     return exp_id
 
 
+# ---------------------------------------------------------------------------------------------- run pages
+
+END_KEY = "ended_at"  # an epoch's wall-clock end (unix s) in metrics.jsonl and reports: a timestamp, not a metric
+PER_DECODER = re.compile(r"^val_(raw|ema)_(.+)_(nme|fr|auc)$")  # val_raw_argmax_refine_nme -> argmax_refine
+
+
+def chart_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """What MLflow charts of one epoch: the finite numbers, with objective-independent names. ``val_raw_nme``
+    etc. are the selected decoder's (the decoder is the ``flare.decoder`` tag and the ``decode`` param);
+    per-decoder values (``val_raw_<decoder>_nme``) stay only when the run compared several decoders."""
+    out = {k: float(v) for k, v in metrics.items() if k != END_KEY and isinstance(v, (int, float))
+           and not isinstance(v, bool) and math.isfinite(float(v))}
+    dec = metrics.get("val_decoder")
+    for w in ("raw", "ema"):  # rows written before these names existed
+        for s in ("nme", "fr", "auc"):
+            if f"val_{w}_{dec}_{s}" in out:
+                out.setdefault(f"val_{w}_{s}", out[f"val_{w}_{dec}_{s}"])
+    per_decoder = {k: m.group(2) for k in out if (m := PER_DECODER.match(k))}
+    if len(set(per_decoder.values())) <= 1:
+        out = {k: v for k, v in out.items() if k not in per_decoder}
+    return out
+
+
+def manifest_hash(manifest_path: str | Path) -> str:
+    """The data fingerprint: sha256 of ``manifest.json`` (which holds every shard's sha256), 16 hex digits
+    (``sha256sum manifest.json | cut -c1-16``)."""
+    path = Path(manifest_path)
+    path = path / "manifest.json" if path.is_dir() else path
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def data_input(manifest_path: str | Path, splits: dict[str, str], rows: dict[str, int | None]) -> Any:
+    """An MLflow dataset input for a prepared dataset: digest = :func:`manifest_hash`, profile = the split
+    sizes of the manifest, input tags = which splits this run used and how many rows of each."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    path = Path(manifest_path)
+    path = path / "manifest.json" if path.is_dir() else path
+    data = json.loads(path.read_text())
+    sizes = {split: int(c.get("all", 0)) for split, c in sorted(data.get("counts", {}).items())}
+    profile = {"splits": sizes, "layout": data.get("layout"), "image_size": data.get("image_size"),
+               "manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    ds = Dataset(name=path.parent.name, digest=manifest_hash(path), source_type="local",
+                 source=json.dumps({"uri": path.resolve().as_uri()}), profile=json.dumps(profile, sort_keys=True))
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+    for role, split in splits.items():
+        cap = rows.get(role)
+        used = sizes.get(split, 0) if cap is None else min(int(cap), sizes.get(split, int(cap)))
+        tags += [InputTag(f"flare.{role}_split", split), InputTag(f"flare.{role}_rows", str(used))]
+    return DatasetInput(ds, tags)
+
+
+def job_data_input(job: Any) -> Any:
+    """:func:`data_input` of a job spec's train and val splits (with its sample caps)."""
+    d = job.data
+    return data_input(d.manifest, {"train": d.train_split, "val": d.val_split},
+                      {"train": d.max_train_samples, "val": d.max_val_samples})
+
+
+def run_data_tags(client: Any, run_id: str) -> dict[str, str]:
+    """The data fingerprint of a run's dataset input as tags (for its model and model version)."""
+    inputs = client.get_run(run_id).inputs
+    for di in (inputs.dataset_inputs if inputs else []):
+        ds = di.dataset
+        splits = json.loads(ds.profile or "{}").get("splits", {})
+        return {"flare.data.name": ds.name, "flare.data.digest": ds.digest,
+                "flare.data.splits": json.dumps(splits, sort_keys=True),
+                **{f"flare.data.{t.key.removeprefix('flare.')}": t.value for t in di.tags
+                   if t.key.startswith("flare.")}}
+    return {}
+
+
+def end_run(client: Any, run_id: str, status: str, end_s: float | None = None) -> None:
+    """Set a run's status and end time: ``end_s`` (unix s) if given, else the end it already has, else the
+    time of its last logged metric, else now. Model logging or tagging afterwards never moves it."""
+    end_ms = None if end_s is None else int(end_s * 1000)
+    if end_ms is None:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING" and run.info.end_time:
+            end_ms = run.info.end_time
+        else:
+            stamps = [m.timestamp for k in run.data.metrics for m in client.get_metric_history(run_id, k)]
+            end_ms = max(stamps, default=None)
+    client.set_terminated(run_id, status=status, end_time=end_ms)
+
+
+@contextlib.contextmanager
+def ended_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """Around a training: if it raises, end the run then (FAILED; KILLED on Ctrl-C) and re-raise."""
+    try:
+        yield
+    except BaseException as err:
+        from mlflow.tracking import MlflowClient
+
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):  # the training's own error is the one to report
+            end_run(MlflowClient(tracking_uri), run_id, status, time.time())
+        raise
+
+
 class EpochLogger:
     """Logs one dict of metrics per epoch into an existing run, at most once per epoch: epochs that
     the run already holds (a restarted worker redoing work) are skipped. When the tracking server cannot
@@ -67,13 +175,10 @@ class EpochLogger:
         """Queue ``epoch``'s metrics and send everything queued; False if the epoch was already logged."""
         if epoch in self.logged or epoch in self.pending:
             return False
-        import time
-
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, epoch) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        ts = int(1000 * float(metrics.get(END_KEY) or time.time()))  # when the epoch ended, not when logged
+        batch = [Metric(k, v, ts, epoch) for k, v in chart_metrics(metrics).items()]
         # the key metric last: its presence marks the epoch as complete
         batch.sort(key=lambda m: m.key == self.key)
         self.pending[epoch] = batch
@@ -97,8 +202,6 @@ class EpochLogger:
 
     def flush(self, timeout_s: float = 300.0) -> None:
         """Retry the queued epochs until they are sent or ``timeout_s`` passes (then RuntimeError)."""
-        import time
-
         deadline, wait = time.monotonic() + timeout_s, 1.0
         while not self.send():
             if time.monotonic() > deadline:
@@ -131,21 +234,25 @@ def log_flare_model(run_id: str, model: nn.Module, weights: dict[str, torch.Tens
     description = (f"flare landmarks ({job['layout']}, decoder {info['decoder']}, selected on validation at "
                    f"epoch {info['epoch']}, val NME {info['val_nme']:.5f}). Input: {INPUT_CONVENTION}. "
                    f"Crop rule: {CROP_RULE}. Output: {OUTPUT_CONVENTION}.")
+    client = mlflow.MlflowClient()
+    data = run_data_tags(client, run_id)  # the run's dataset input, carried by its model and model version
+    # the selection as tags: metric names stay the same for every objective and decoder (chart_metrics)
+    for key, value in {"decoder": info["decoder"], "weights": info["weights"], "selected_epoch": info["epoch"]}.items():
+        client.set_tag(run_id, f"flare.{key}", str(value))
     with tempfile.TemporaryDirectory() as tmp:
         state, meta = Path(tmp) / "state.pt", Path(tmp) / "job.json"
         torch.save(weights, state)
         meta.write_text(json.dumps({**job, "info": info}, indent=2, sort_keys=True) + "\n")
-        with mlflow.start_run(run_id=run_id):
-            model_info = mlflow.pytorch.log_model(
-                graph, name=EXPORT_ARTIFACT, input_example=example, step=int(info["epoch"]),
-                extra_files=[str(state), str(meta)], registered_model_name=registered_model,
-                pip_requirements=serving_requirements(),
-            )
+        # run_id instead of start_run(run_id): the run's status and end time stay as its training left them
+        model_info = mlflow.pytorch.log_model(
+            graph, name=EXPORT_ARTIFACT, input_example=example, step=int(info["epoch"]),
+            extra_files=[str(state), str(meta)], registered_model_name=registered_model,
+            pip_requirements=serving_requirements(), run_id=run_id, tags=data or None,
+        )
     version = model_info.registered_model_version
     if version is None:
         return None
-    client = mlflow.MlflowClient()
     client.update_model_version(registered_model, str(version), description=description)
-    for key, value in info.items():
+    for key, value in {**info, **data}.items():
         client.set_model_version_tag(registered_model, str(version), key, str(value))
     return str(version)

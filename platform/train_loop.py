@@ -35,7 +35,7 @@ from flare.platform.budget import BudgetPlan
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from flare.platform.config import JobConfig, parse_job
-from flare.platform.local_loader import LocalLoader, WaitClock, session_batches
+from flare.platform.local_loader import LocalLoader, WaitClock
 from flare.platform.predictor import Predictor
 
 VAL_METRIC = "val_nme"
@@ -48,7 +48,7 @@ class Session(Protocol):
     world_size: int
     device: torch.device
 
-    def train_rows(self, epoch: int, batch_size: int) -> Iterable[list[dict]]: ...
+    def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterable[dict[str, torch.Tensor]]: ...
     def val_rows(self, batch_size: int) -> Iterable[list[dict]]: ...
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
     def restored(self) -> AbstractContextManager[Path | None]: ...
@@ -126,6 +126,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     device = session.device
     use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
     fast = use_bf16 and device.type == "cuda"  # bf16 autocast + channels_last: the GPU fast path
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest kernels once
     model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
     objective = objective_from_config(job.objective).to(device)
@@ -152,8 +153,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     epoch, going = start_epoch, start_epoch < plan.epochs
     while going:
         fault_hook(epoch, session.rank)
-        stats, t0 = EpochStats(), time.perf_counter()
-        batches = WaitClock(session_batches(session, epoch, per_worker, builder))
+        stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
+        batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
         for host in batches:
             batch = expand_batch({k: v.to(device, non_blocking=True) for k, v in host.items()}, job.data.input_size)
             image = batch["image"].contiguous(memory_format=torch.channels_last) if fast else batch["image"]
@@ -191,6 +192,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                      "decoder": metrics["val_decoder"], "planned_epochs": plan.epochs}
             ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
             save_checkpoint(ckpt_dir, state, {"job": job.model_dump(mode="json"), "layout": layout.name})
+        # wall clock: MLflow's per-epoch timestamps, also for runs imported later (flare runs import)
+        metrics["ended_at"] = time.time()
+        metrics["epoch_time_s"] = metrics["ended_at"] - wall0
         session.report(metrics, ckpt_dir)
         epoch += 1
 
@@ -201,8 +205,11 @@ def select_best(metrics: dict[str, Any], job: JobConfig) -> dict[str, Any]:
              for d in decoders_for(job.objective.name, job.decode)
              if f"{w}_{d}_nme" in metrics]
     nme, weights, dec = min(cands)
+    # the same names for every objective: raw and EMA weights with the selected decoder (a tag in MLflow)
+    same = {f"{w}_{k}": metrics[f"{w}_{dec}_{k}"] for w in ("val_raw", "val_ema") for k in ("nme", "fr", "auc")
+            if f"{w}_{dec}_{k}" in metrics}
     return {VAL_METRIC: nme, "val_fr": metrics[f"{weights}_{dec}_fr"], "val_auc": metrics[f"{weights}_{dec}_auc"],
-            "val_weights": weights.removeprefix("val_"), "val_decoder": dec}
+            **same, "val_weights": weights.removeprefix("val_"), "val_decoder": dec}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Concurrency: trials run at most ``K`` at a time where every running trial's work
 CPUs/GPUs with a whole CPU left for Ray Data's read tasks (measured: a read task asks for one CPU and
 ingest hangs when less is free). The trial's own actor reserves no CPU.
 
-MLflow: one parent run per search; one child run per trial (params, per-epoch metrics logged by the
-rank-0 worker, tags with the sampled values and whether/at which rung ASHA stopped it). Only the best
+MLflow: one parent run per search; one child run per trial, named after its sampled values and ended when
+its training ended (params, per-epoch metrics logged by the rank-0 worker, the data's dataset input, tags
+with the sampled values and whether/at which rung ASHA stopped it). Only the best
 trial's model is registered, and ``champion`` moves only when it beats the champion's val NME on the
 same validation split.
 """
@@ -39,6 +40,7 @@ from flare.files import atomic_write_bytes
 from flare.platform.checkpoints import best_checkpoint_dir
 from flare.platform.config import ConfigError, JobConfig, load_job
 from flare.platform.plots import format_values, plot_trials, trial_table
+from flare.platform.ray_batches import ACTOR_CPUS
 from flare.platform.registry import champion_if_better
 from flare.platform.search_space import SearchSpec, load_search, plain, validate_search
 from flare.platform.trust import check_trusted_tree
@@ -113,7 +115,7 @@ def plan_search(job_file: Path, search_file: Path, overrides: list[str] | None =
 def max_concurrent_trials(job: JobConfig, free: dict[str, float]) -> int:
     """How many trials fit at once: ``K * workers * cpus_per_worker + DATA_TASK_CPUS <= free CPUs``
     (and ``K * workers <= free GPUs`` with GPUs), so no trial waits forever for a CPU."""
-    per_trial = job.scaling.workers * job.scaling.cpus_per_worker
+    per_trial = job.scaling.workers * (job.scaling.cpus_per_worker + job.data.loader_workers * ACTOR_CPUS)
     k = math.floor((float(free.get("CPU", 0.0)) - DATA_TASK_CPUS) / per_trial + 1e-9)
     if job.scaling.use_gpu:
         k = min(k, math.floor(float(free.get("GPU", 0.0)) / job.scaling.workers + 1e-9))
@@ -124,7 +126,8 @@ def choose_concurrency(job: JobConfig, requested: str | int, free: dict[str, flo
     """``auto``: :func:`max_concurrent_trials` of the free resources; an integer overrides it."""
     fits = max_concurrent_trials(job, free)
     if fits < 1:
-        need = job.scaling.workers * job.scaling.cpus_per_worker + DATA_TASK_CPUS
+        need = job.scaling.workers * (job.scaling.cpus_per_worker + job.data.loader_workers * ACTOR_CPUS) \
+            + DATA_TASK_CPUS
         raise ConfigError(
             f"scaling: one trial needs {job.scaling.workers} workers x {job.scaling.cpus_per_worker} CPU plus "
             f"{DATA_TASK_CPUS:g} CPU for data ingest = {need:g} CPUs, but only {free.get('CPU', 0.0):g} are free"
@@ -334,6 +337,7 @@ def open_parent(state: SearchState, client: Any) -> str:
     from mlflow.entities import Param
 
     from flare.platform.config import flatten
+    from flare.platform.tracking import job_data_input
 
     exp = client.get_experiment_by_name(state.base_job.mlflow.experiment)
     run = client.create_run(exp.experiment_id, run_name=state.name,
@@ -346,11 +350,15 @@ def open_parent(state: SearchState, client: Any) -> str:
         client.log_batch(rid, params=items[i:i + 100])
     client.log_dict(rid, state.job, "job.json")
     client.log_dict(rid, state.search, "search.json")
+    with contextlib.suppress(OSError):  # no base manifest: the search samples data.manifest (trials log theirs)
+        client.log_inputs(rid, datasets=[job_data_input(state.trial_job({}))])
     return rid
 
 
 def finish_search(state: SearchState, trials: list[TrialSummary], client: Any, log=print) -> SearchOutcome:
     """Tag the child runs, print the table, log the plot, register the best model, decide on champion."""
+    from flare.platform.tracking import end_run
+
     spec = state.spec
     max_epochs, rungs = spec.scheduler.max_epochs, spec.scheduler.rungs()
     exp_id = client.get_experiment_by_name(state.base_job.mlflow.experiment).experiment_id
@@ -362,7 +370,9 @@ def finish_search(state: SearchState, trials: list[TrialSummary], client: Any, l
             stopped = t.stopped_early(max_epochs)
             if t.status == "ERROR":
                 client.set_tag(t.run_id, "flare.tune.error", (t.error or "error")[:500])
-                client.set_terminated(t.run_id, status="FAILED")
+                end_run(client, t.run_id, "FAILED")  # keeps the end time the trial recorded
+            elif client.get_run(t.run_id).info.status == "RUNNING":  # its actor went before ending it
+                end_run(client, t.run_id, "FINISHED")  # at its last epoch, not now
             client.set_tag(t.run_id, "flare.tune.status", t.status)
             client.set_tag(t.run_id, "flare.tune.epochs", str(t.epochs))
             client.set_tag(t.run_id, "flare.tune.stopped_early", str(stopped).lower())

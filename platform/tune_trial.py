@@ -133,7 +133,8 @@ class FlareTrial(tune.Trainable):
         self.run_id = child_run(self.state, self.job, self.trial_id, self.values)
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.controller: Any = None
-        self.aborted = False
+        self.aborted = False  # aborted because the search was interrupted
+        self.stopping = False  # Tune (ASHA) is stopping the trial
         self.last: dict[str, Any] | None = None
         try:
             self.board = ray.get_actor(board_name(self.state.name))
@@ -172,8 +173,24 @@ class FlareTrial(tune.Trainable):
             metrics = dict(result.metrics) if result.metrics else None
         except Exception as err:  # noqa: BLE001 - reported to Tune as the trial's error
             error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        self._end_run(error)
         with contextlib.suppress(Exception):  # the queue is gone when the trial is being torn down
             self.queue.put(("done", (error, metrics)))
+
+    def _end_run(self, error: str | None) -> None:
+        """End the trial's MLflow run now that its training ended: FINISHED when it ran out or ASHA stopped
+        it, KILLED when the search was interrupted (resumed later), FAILED on an error."""
+        from mlflow.tracking import MlflowClient
+
+        from flare.platform.tracking import end_run
+
+        interrupted = self.aborted
+        if not interrupted and self.board is not None:
+            with contextlib.suppress(Exception):
+                interrupted = bool(ray.get(self.board.is_stopping.remote(), timeout=10))
+        status = "KILLED" if interrupted else "FINISHED" if error is None or self.stopping else "FAILED"
+        with contextlib.suppress(Exception):  # the driver ends it at the search's end if this fails
+            end_run(MlflowClient(self.state.tracking_uri), self.run_id, status, time.time())
 
     def _next(self, timeout: float | None = None) -> tuple[str, Any] | None:
         """The next report or end of training (None after ``timeout`` s); notes the controller handle."""
@@ -220,6 +237,7 @@ class FlareTrial(tune.Trainable):
 
     def cleanup(self) -> None:
         """Stop the Train run gracefully (``abort`` removes its placement group) before the actor ends."""
+        self.stopping = True
         if not self.thread.is_alive():
             return
         if self.last is not None and self.last[TIME_ATTR] >= self.job.optimizer.epochs:
@@ -245,8 +263,20 @@ def child_run(state: SearchState, job: JobConfig, trial_id: str, values: dict[st
     found = client.search_runs([exp_id], f"tags.`flare.tune.search` = '{state.name}' and "
                                          f"tags.`flare.tune.trial_id` = '{trial_id}'")
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")  # a resumed trial trains again
         return found[0].info.run_id
     run_id, _ = open_run(job, state.tracking_uri, parent_run_id=state.parent_run_id,
                          tags={"flare.tune.search": state.name, "flare.tune.trial_id": trial_id,
-                               "flare.tune.values": json.dumps(values, sort_keys=True)})
+                               "flare.tune.values": json.dumps(values, sort_keys=True)},
+                         run_name=trial_run_name(trial_id, values))
     return run_id
+
+
+def trial_run_name(trial_id: str, values: dict[str, Any]) -> str:
+    """A trial run's name says what it ran: ``lr=0.003, decode=argmax (a1b2c_00001)``; a sampled key is
+    shortened to its last part where that stays unambiguous."""
+    from flare.platform.plots import format_values
+
+    last = [k.rsplit(".", 1)[-1] for k in values]
+    short = {(s if last.count(s) == 1 else k): v for k, s, v in zip(values, last, values.values())}
+    return f"{format_values(short)} ({trial_id})" if short else trial_id

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import proc_table
 
 from flare.platform.local_head import ClusterState, check_port_free, remove_created
 from flare.platform.ray_jobs import ClusterError, entrypoint, find_token, stage_package
@@ -42,20 +43,6 @@ def free_port() -> int:
 
 def flare(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(FLARE + args, check=False, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) of every process, read from /proc (independent of flare's `ps` use)."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            table[int(d.name)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
 
 
 def living(pids: set[int]) -> set[int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from procs import proc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,20 +58,6 @@ def wait_for(what: str, check: Any, timeout_s: float = 180.0, every_s: float = 0
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
         time.sleep(every_s)
-
-
-def proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) of every process, from /proc."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            table[int(d.name)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
 
 
 class RayNode:

@@ -26,6 +26,7 @@ from flare.platform.config import ConfigError, load_job
 from flare.platform.plots import plot_trials, trial_table
 from flare.platform.registry import decide_champion
 from flare.platform.search_space import SchedulerSpec, load_search, validate_search
+from flare.platform.tracking import manifest_hash
 from flare.platform.tune import (
     INTERRUPT_HOOK,
     TrialSummary,
@@ -150,6 +151,37 @@ def test_asha_search_registers_and_promotes_the_best(first_search: dict, env: di
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
+def test_trial_runs_end_with_their_training_and_say_what_they_ran(first_search: dict, env: dict,
+                                                                  small_300w: Path) -> None:
+    """The MLflow pages of search ``a``: each trial run spans its epochs (an ASHA-stopped one included,
+    not milliseconds) and ends before the search and before the winner's model is registered; epochs have
+    increasing timestamps; runs are named after the sampled values; every run carries the data's digest."""
+    assert first_search["res"].exit_code == 0
+    client = MlflowClient(env["uri"])
+    exp = client.get_experiment_by_name("tune-tests")
+    runs = client.search_runs([exp.experiment_id], "tags.`flare.tune.search` = 'a'")
+    parent = next(r for r in runs if r.data.tags.get("flare.kind") == "tune")
+    children = [r for r in runs if "flare.tune.trial_id" in r.data.tags]
+    version = client.get_model_version(MODEL, "1")  # the winner's, registered at the end of the search
+    digest = manifest_hash(small_300w / "manifest.json")
+    lrs = {tid: t["lr"] for tid, t in trials(first_search["path"]).items()}
+    assert len(children) == 4 and any(r.data.tags["flare.tune.stopped_early"] == "true" for r in children)
+    for run in children:
+        tid, info = run.data.tags["flare.tune.trial_id"], run.info
+        history = sorted(client.get_metric_history(info.run_id, "val_nme"), key=lambda m: m.step)
+        stamps = [m.timestamp for m in history]
+        epoch_s = sum(m.value for m in client.get_metric_history(info.run_id, "epoch_time_s"))
+        assert info.status == "FINISHED"
+        assert info.end_time - info.start_time >= 1000 * epoch_s > 0, tid
+        assert info.start_time <= stamps[0] and stamps[-1] <= info.end_time
+        assert stamps == sorted(set(stamps)), stamps  # strictly increasing with the epochs
+        assert info.end_time < version.creation_timestamp < parent.info.end_time
+        assert info.run_name == f"lr={lrs[tid]:.4g} ({tid})"
+        assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [digest]
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [digest]
+    assert version.tags["flare.data.digest"] == digest
+
+
 @pytest.mark.slow
 def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env: dict,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,6 +204,13 @@ def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env
     assert [e for e, _ in before[done[0]]["rows"]] == [1, 2]
     finished_rows = (path / next(path.glob(f"*{done[0]}*")).name / "result.json").read_bytes()
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1  # nothing registered yet
+    exp_id = client.get_experiment_by_name("tune-tests").experiment_id
+
+    def statuses() -> dict[str, str]:
+        runs = client.search_runs([exp_id], "tags.`flare.tune.search` = 'b'")
+        return {r.data.tags["flare.tune.trial_id"]: r.info.status for r in runs if "flare.tune.trial_id" in r.data.tags}
+
+    assert statuses() == {done[0]: "FINISHED", open_[0]: "KILLED"}  # the interrupted trial's run says so
 
     monkeypatch.delenv(INTERRUPT_HOOK)
     with deadline(GUARD_S):
@@ -184,6 +223,7 @@ def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env
     # the unfinished one continued from its checkpoint: epoch 1 is not reported twice, epoch 2 is new
     resumed = [e for e, _ in after[open_[0]]["rows"]]
     assert resumed.count(1) <= 1 and resumed[-1] == 2, resumed
+    assert statuses() == {done[0]: "FINISHED", open_[0]: "FINISHED"}  # and ends again when it is done
 
     versions = {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
     assert set(versions) == {"1", "2"}
@@ -218,6 +258,7 @@ def test_a_failing_trial_does_not_kill_the_search(first_search: dict, env: dict,
     assert parent.data.tags["flare.tune.failed_trials"] == failed
     child = next(r for r in runs if r.data.tags.get("flare.tune.trial_id") == failed)
     assert child.info.status == "FAILED" and child.data.tags["flare.tune.error"]
+    assert child.info.end_time < parent.info.end_time  # when it failed, not when the search ended
 
 
 @pytest.mark.parametrize(

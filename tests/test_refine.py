@@ -1,0 +1,168 @@
+"""Two-pass prediction (platform/refine.py, method.md 8.1): the re-crop from landmarks is exactly the crop the
+training/evaluation pipeline makes from those landmarks, and ``passes`` composes real model predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flare.datasets.augment import crop_matrix
+from flare.datasets.ingest import BatchBuilder
+from flare.datasets.prepare import PrepareOptions, process_record
+from flare.datasets.read_300w import read_300w
+from flare.datasets.records import crop_center_scale, read_image_bgr
+from flare.models.layouts import get_layout
+from flare.platform.builders import build_model
+from flare.platform.config import load_job
+from flare.platform.predictor import Predictor, boxes_to_crops
+from flare.platform.refine import (
+    crops_to_boxes,
+    face_boxes,
+    landmark_crops,
+    plausible,
+    predict_faces,
+    refine_crops,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def face(test_data: Path):
+    """One real 300W test face (record) and its image."""
+    rec = read_300w(test_data / "300W", "test").records[0]
+    return rec, read_image_bgr(rec.image.path)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    """A real (seeded, untrained) tiny model with the plain argmax decoder: its landmarks spread over the crop,
+    so the re-crop from them is a plausible face-sized crop and the refinement path really runs."""
+    job = load_job(ROOT / "jobs" / "tiny.yaml", ["data.manifest=/nonexistent/manifest.json"])
+    layout = get_layout("300w68")
+    torch.manual_seed(0)
+    return Predictor.from_job(build_model(job, layout).eval(), job, layout, "argmax")
+
+
+def test_landmark_crop_is_the_training_and_eval_crop(face) -> None:
+    """Ground-truth landmarks as the 'first pass' give exactly the crop prepare + BatchBuilder make for that
+    face: same centre and scale as crop_center_scale, and the same crop -> original matrix to 1e-9 px."""
+    rec, _ = face
+    centers, scales = landmark_crops(rec.landmarks[None])
+    center, scale = crop_center_scale(rec)
+    assert np.array_equal(centers[0], center) and scales[0] == scale
+    size = 128
+    row = process_record(rec, "test", get_layout("300w68"), PrepareOptions())
+    batch = BatchBuilder(get_layout("300w68"), size, augment=False)([row])
+    expected = np.linalg.inv(crop_matrix(centers[0], scales[0], size))
+    assert np.abs(batch["to_original"][0].numpy() - expected).max() < 1e-9
+    # the crop holds the face as in training: landmark extent = 1/1.05 of the crop side on its short axis
+    pts = rec.landmarks @ np.linalg.inv(expected)[:2, :2].T + np.linalg.inv(expected)[:2, 2]
+    extent = pts.max(axis=0) - pts.min(axis=0)
+    assert extent.min() == pytest.approx(size / 1.05, rel=1e-9)
+
+
+def test_boxes_for_the_last_pass_map_back_to_the_crops() -> None:
+    rng = np.random.default_rng(0)
+    centers, scales = rng.uniform(20, 300, (5, 2)), rng.uniform(0.3, 2.0, 5)
+    c, s = boxes_to_crops(crops_to_boxes(centers, scales), haar=False)
+    assert np.abs(c - centers).max() < 1e-12 and np.abs(s - scales).max() < 1e-12
+
+
+def test_implausible_recrops_are_refused() -> None:
+    ok = plausible(np.array([1.0, 1.9, 2.1, 0.51, 0.49, np.nan, np.inf]), np.ones(7))
+    assert ok.tolist() == [True, True, False, True, False, False, False]
+
+
+def test_second_pass_predicts_from_the_first_pass_training_crop(face, predictor: Predictor) -> None:
+    _, image = face
+    gt_box = np.array([[100.0, 90.0, 180.0, 190.0]])
+    c1, s1 = boxes_to_crops(gt_box, haar=False)
+    first = predictor.predict_crops(image, c1, s1)
+    c2, s2 = landmark_crops(first)
+    assert plausible(s2, s1).all() and abs(s2[0] - s1[0]) > 0.01  # the refinement path really runs
+    c, s, history = refine_crops(predictor, image, c1, s1, recrops=1)
+    assert np.array_equal(c, c2) and np.array_equal(s, s2) and np.array_equal(history[0], first)
+    second = predictor.predict_crops(image, c2, s2)
+    got = predict_faces(predictor, image, boxes=gt_box, passes=2, combine="last")
+    assert len(got) == 1 and np.abs(got[0] - second[0]).max() < 1e-6
+    mean = predict_faces(predictor, image, boxes=gt_box, passes=2, combine="mean")
+    assert np.abs(mean[0] - (first[0] + second[0]) / 2).max() < 1e-6
+    one = predict_faces(predictor, image, boxes=gt_box, passes=1)
+    assert np.abs(one[0] - first[0]).max() < 1e-6 and np.abs(one[0] - got[0]).max() > 1.0
+    third = predictor.predict_crops(image, *landmark_crops(second))
+    assert np.abs(predict_faces(predictor, image, boxes=gt_box, passes=3, combine="last")[0] - third[0]).max() < 1e-6
+    three = predict_faces(predictor, image, boxes=gt_box, passes=3, combine="mean")[0]
+    assert np.abs(three - (first[0] + second[0] + third[0]) / 3).max() < 1e-6
+    with pytest.raises(ValueError, match="unknown combine 'median'"):
+        predict_faces(predictor, image, boxes=gt_box, combine="median")
+
+
+def test_predict_files_writes_the_refined_faces(face, predictor: Predictor, tmp_path: Path) -> None:
+    """predict_files with passes=2: the JSON holds predict_faces' landmarks and the last pass's covariances."""
+    import json
+
+    from flare.platform.predict_files import predict_files
+
+    rec, image = face
+    box = [100.0, 90.0, 180.0, 190.0]
+    assert predict_files(predictor, [Path(rec.image.path)], tmp_path, [box], passes=2, log=lambda s: None) == []
+    out = json.loads((tmp_path / f"{Path(rec.image.path).stem}.json").read_text())
+    expected = predict_faces(predictor, image, boxes=np.array([box]), passes=2)
+    assert np.abs(np.asarray(out["faces"]) - np.stack(expected)).max() < 1e-3
+    assert np.asarray(out["covariance"]).shape == (1, 68, 2, 2)
+
+
+def test_passes_and_detection_paths(face, predictor: Predictor) -> None:
+    _, image = face
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        face_boxes(predictor, image, passes=0)
+    with pytest.raises(ValueError, match="unknown detector 'bogus'"):
+        face_boxes(predictor, image, detector="bogus")
+    # a blank image: Haar finds nothing, so no face and no prediction
+    assert predict_faces(predictor, np.zeros((200, 200, 3), np.uint8), passes=2) == []
+    # detection off: the whole image is the first crop, then the re-crop
+    whole = face_boxes(predictor, image, detect=False, passes=1)
+    h, w = image.shape[:2]
+    side = min(w, h)
+    assert np.allclose(whole, [[(w - side) / 2, (h - side) / 2, side, side]])
+    assert face_boxes(predictor, image, detect=False, passes=2).shape == (1, 4)
+
+
+def test_cli_refine_and_detector_options(face, tmp_path: Path) -> None:
+    """``flare predict --refine`` (default) vs ``--no-refine`` on a real image with a saved model; an unknown
+    detector is one line, exit 2, before anything runs."""
+    import json
+
+    from flare.platform.cli import app
+
+    rec, _ = face
+    job = load_job(ROOT / "jobs" / "tiny.yaml", ["data.manifest=/nonexistent/manifest.json"])
+    torch.manual_seed(0)
+    model = build_model(job, get_layout("300w68"))
+    d = tmp_path / "model"
+    d.mkdir()
+    torch.save(model.state_dict(), d / "state.pt")
+    (d / "job.json").write_text(json.dumps({"job": job.model_dump(mode="json"), "layout": "300w68",
+                                            "info": {"decoder": "argmax"}}))
+    img = Path(rec.image.path)
+    runner = CliRunner()
+    faces = {}
+    for flag in ("--refine", "--no-refine"):
+        res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / flag),
+                                  "--box", "100,90,180,190", flag])
+        assert res.exit_code == 0, res.output
+        faces[flag] = np.asarray(json.loads((tmp_path / flag / f"{img.stem}.json").read_text())["faces"])
+    loaded = Predictor.from_dir(d, device="cpu")
+    image = read_image_bgr(img)
+    box = np.array([[100.0, 90.0, 180.0, 190.0]])
+    assert np.abs(faces["--refine"] - predict_faces(loaded, image, boxes=box, passes=2)[0]).max() < 1e-3
+    assert np.abs(faces["--no-refine"] - predict_faces(loaded, image, boxes=box, passes=1)[0]).max() < 1e-3
+    res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / "bad"),
+                              "--detector", "bogus"])
+    assert res.exit_code == 2 and "unknown detector 'bogus'; known: haar, dlib, dlib_cnn" in res.output
+    assert not (tmp_path / "bad").exists()
