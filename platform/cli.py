@@ -287,9 +287,10 @@ def predict(
                                          "exported .onnx file)")] = "torch",
     ellipses: Annotated[bool, typer.Option("--ellipses", help="draw each landmark's 2-sigma covariance "
                                            "ellipse on the overlays (torch backend)")] = False,
-    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="predict twice: the second time from "
-                                         "the training crop of the first landmarks (2x the model time; "
-                                         "bench/boxes.py measures the gain)")] = False,
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="predict twice, the second time from "
+                                         "the training crop of the first landmarks, and average the two (it lowered "
+                                         "NME with every box source on the 300W validation faces, at 2x the model "
+                                         "time; RESULTS.md). Off by default: an explicit --box stays as given")] = False,
     detector: Annotated[str, typer.Option("--detector", help="haar (OpenCV, default) | dlib (HOG) | dlib_cnn "
                                           "(MMOD); the dlib ones need the peers extra: dlib-bin, face-recognition-models")] = "haar",
 ) -> None:

@@ -23,9 +23,12 @@ from flare.platform.detectors import check_detector, detector_crops
 from flare.platform.detectors import detect as detect_boxes
 from flare.platform.predictor import CROP_ENLARGE, boxes_to_crops, whole_image_box
 
-DEFAULT_PASSES = 2  # what --refine runs (off by default in flare predict until bench/boxes.py shows the gain)
+# What --refine runs (on by default in flare predict). Chosen on the 300W validation faces (bench/boxes.py
+# --faces val, bench/results/boxes_val.txt): the mean of two passes beat one pass and the second pass alone with
+# every box source (Haar, dlib HOG and CNN, ground-truth box); a third pass gained < 0.1 NME points for 1.5x time.
+DEFAULT_PASSES = 2
 COMBINE = ("last", "mean")
-DEFAULT_COMBINE = "mean"  # chosen on the 300W validation faces (bench/boxes.py --faces val)
+DEFAULT_COMBINE = "mean"
 MAX_RESCALE = 2.0  # a re-crop more than 2x larger or smaller than the previous one is not taken
 
 
