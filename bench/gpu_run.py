@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from flare.datasets.ingest import BatchBuilder, Manifest, expand_batch, load_manifest
+from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.local_loader import LocalLoader, WaitClock
+from flare.platform.train_loop import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -102,20 +102,11 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     gen = torch.Generator(device=device).manual_seed(job.seed)
     batches = WaitClock(endless(loaders.get(job, batch)))
     forward = torch.compile(model) if precision == COMPILED else model
+    train_step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
+                           bf16=cl, channels_last=cl)  # the step of train_worker
 
     def step() -> None:
-        b = expand_batch({k: v.to(device, non_blocking=True) for k, v in next(batches).items()}, job.data.input_size)
-        if cl:
-            b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
-            outputs = forward(b["image"])
-        total, _ = objective(outputs, b, gen)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if job.optimizer.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), job.optimizer.grad_clip)
-        opt.step()
-        ema.update_parameters(model)
+        train_step(next(batches))
 
     t_warm = time.perf_counter()
     for _ in range(warmup):

@@ -121,7 +121,8 @@ def train(
     no_ray: Annotated[bool, typer.Option("--no-ray", help="single process without Ray or MLflow")] = False,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="--no-ray output directory")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--no-ray device (cpu, cuda)")] = None,
-    storage: Annotated[Path | None, typer.Option("--storage", help="Ray Train storage (default ./runs)")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Ray Train storage: a path shared by the nodes "
+                                                "(default ./runs) or a URI (s3://bucket/runs)")] = None,
     allow_change: Annotated[list[str] | None, typer.Option("--allow-change", help="with --resume: a spec key (or "
                                                            "section) you mean to change (repeatable)")] = None,
 ) -> None:
@@ -293,6 +294,11 @@ def predict(
                                          "time; RESULTS.md). Off by default: an explicit --box stays as given")] = False,
     detector: Annotated[str, typer.Option("--detector", help="haar (OpenCV, default) | dlib (HOG) | dlib_cnn "
                                           "(MMOD); the dlib ones need the peers extra: dlib-bin, face-recognition-models")] = "haar",
+    on_ray: Annotated[bool, typer.Option("--ray", help="Ray Data batch inference: --actors actors, each loading "
+                                         "the model once (what `flare submit predict` runs)")] = False,
+    address: Annotated[str | None, typer.Option("--address", help="with --ray: auto | ray://HOST:10001")] = None,
+    actors: Annotated[int, typer.Option("--actors", help="with --ray: model replicas (1 CPU each)")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="with --ray: images per actor call")] = 16,
 ) -> None:
     """Landmarks per image (original pixels) as JSON plus an overlay PNG, and predictions.jsonl of all.
     The torch backend adds per-landmark covariances (px²) and confidences to the JSON.
@@ -319,9 +325,18 @@ def predict(
 
     passes = 2 if refine else 1
     check_options(detector, passes, load=not no_detect and box is None)
-    predictor = load_landmarks(model, backend)
-    failures = predict_files(predictor, images, out, boxes, detect=not no_detect, log=typer.echo,
-                             ellipses=ellipses, detector=detector, passes=passes)
+    if on_ray:
+        from flare.platform.predict_ray import PredictJob, predict_on_ray
+        from flare.platform.tracking import default_tracking_uri
+
+        local = Path(model).exists()  # a directory or .onnx file every node sees, else a registry/run URI
+        job = PredictJob(str(Path(model).resolve()) if local else model, backend,
+                         "" if local else default_tracking_uri(), boxes, not no_detect, ellipses, detector, passes)
+        failures = predict_on_ray(job, images, out, actors, batch_size, address, typer.echo)
+    else:
+        predictor = load_landmarks(model, backend)
+        failures = predict_files(predictor, images, out, boxes, detect=not no_detect, log=typer.echo,
+                                 ellipses=ellipses, detector=detector, passes=passes)
     for path, reason in failures:
         typer.echo(f"error: {path}: {reason}", err=True)
     if failures:

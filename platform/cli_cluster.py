@@ -129,7 +129,8 @@ def cluster_status() -> None:
 @_cluster_errors
 def submit(
     ctx: typer.Context,
-    command: Annotated[str, typer.Argument(help="prepare | train | tune | eval")],
+    command: Annotated[str, typer.Argument(help="prepare | train | tune | eval | predict (Ray Data batch "
+                                                "inference, as flare predict --ray)")],
     args: Annotated[list[str] | None, typer.Argument(help="the command's own arguments and options; "
                                                         "relative paths resolve in the shipped project")]
     = None,
@@ -137,7 +138,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="follow the logs; exit 0 if the job SUCCEEDED, "
                                        "else 1")] = False,
 ) -> None:
-    """Run `flare prepare|train|tune|eval ARGS...` as a Ray job, shipping this project's code. Put
+    """Run `flare prepare|train|tune|eval|predict ARGS...` as a Ray job, shipping this project's code. Put
     `--` before ARGS that are named like this command's own options (--address, --wait)."""
     from flare.platform.ray_jobs import check_cluster_paths, entrypoint
     from flare.platform.ray_jobs import submit as submit_job

@@ -26,8 +26,8 @@ def tune(
     = None,
     name: Annotated[str | None, typer.Option("--name", help="search name (default: JOB-SEARCH-timestamp)")]
     = None,
-    storage: Annotated[Path | None, typer.Option("--storage", help="Tune/Train storage (default ./runs)")]
-    = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Tune/Train storage: a path shared by the "
+                                                "nodes (default ./runs)")] = None,
 ) -> None:
     """Search hyperparameters with ASHA; register the best model and promote it only if better."""
     from flare.platform.tune import plan_search, run_search

@@ -27,6 +27,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what the header c
 RESULTS_FILE = "predictions.jsonl"
 
 
+class PredictError(ValueError):
+    """One image could not be predicted (the reason is one line); the others go on."""
+
+
 def collect_images(inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
     """``(image, output stem)`` pairs: folders are walked (sorted, image suffixes only) and mirrored below
     the output; files keep their path relative to the inputs' common folder. Stems are unique."""
@@ -68,6 +72,55 @@ def check_box(box: Sequence[float], width: int, height: int) -> np.ndarray:
     return b
 
 
+def predict_one(predictor: Predictor, path: Path, stem: Path, out: Path, boxes: list | None = None,
+                detect: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, ellipses: bool = False,
+                detector: str = "haar", passes: int = 1, combine: str = DEFAULT_COMBINE) -> dict:
+    """One image: its JSON record, written with its overlay PNG as ``out/stem.json`` and
+    ``out/stem_overlay.png``. Raises :class:`PredictError` (one line) when the image fails."""
+    uncertain = isinstance(predictor, Predictor)
+    found: list[FaceUncertainty] = []
+    try:
+        image = read_image_bgr(path, max_pixels)
+        h, w = image.shape[:2]
+        given = np.stack([check_box(b, w, h) for b in boxes]) if boxes else None
+        earlier: list[np.ndarray] = []
+        if passes > 1 or detector != "haar":  # the last pass's crops; predicted below
+            given, earlier = refine_faces(predictor, image, given, detect, detector, passes)
+        if uncertain:
+            found = predictor.predict_with_uncertainty(image, boxes=given, detect=detect)
+            faces = [f.landmarks for f in found]
+        else:
+            faces = predictor.predict(image, boxes=given, detect=detect)
+        faces = combine_passes(earlier, faces, combine)
+    except (DataError, ValueError, cv2.error) as err:
+        raise PredictError(str(err).splitlines()[0]) from None
+    if not faces:
+        raise PredictError("no face found (try --box x,y,w,h or --no-detect)")
+    record = {"image": str(path), "output": str(stem), "layout": predictor.layout.name, "width": w,
+              "height": h, "faces": [f.round(4).tolist() for f in faces],
+              "coordinates": "original image pixels, 0-based pixel centres, (x, y)"}
+    if uncertain:
+        record.update(covariance=[f.covariance.round(6).tolist() for f in found],
+                      confidence=[f.confidence.round(4).tolist() for f in found],
+                      uncertainty=describe(predictor.distribution, predictor.temperature))
+    target = Path(out) / stem
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target.with_name(f"{stem.name}.json"), (json.dumps(record) + "\n").encode())
+    overlay = image
+    for i, f in enumerate(faces):
+        if ellipses:
+            overlay = draw_ellipses(overlay, f, found[i].covariance, ELLIPSE_COLOR, sigmas=2.0)
+        overlay = draw_landmarks(overlay, f, PRED_COLOR)
+    write_png(target.with_name(f"{stem.name}_overlay.png"), overlay)
+    return record
+
+
+def write_results(out: Path, records: Sequence[dict]) -> None:
+    """``out/predictions.jsonl``: one line per predicted image, in input order (atomic)."""
+    if records:
+        atomic_write_bytes(Path(out) / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
 def predict_files(predictor: Predictor, images: Sequence[Path], out: Path, boxes: list | None = None,
                   detect: bool = True, log: Callable[[str], None] = print,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, ellipses: bool = False, detector: str = "haar",
@@ -79,53 +132,28 @@ def predict_files(predictor: Predictor, images: Sequence[Path], out: Path, boxes
     A torch :class:`Predictor` also writes per face ``covariance`` (N, 2, 2) original px² and ``confidence``
     (N) with their definitions under ``uncertainty`` (losses/uncertainty.py); ``ellipses`` draws their 2-sigma
     ellipses on the overlays. The ONNX backend outputs landmarks only: no such fields, ``ellipses`` refused."""
-    uncertain = isinstance(predictor, Predictor)
-    if ellipses and not uncertain:
-        raise ValueError("--ellipses: the onnx backend outputs landmarks only (no heatmaps); use --backend torch")
-    check_options(detector, passes, load=detect and not boxes, combine=combine)
-    found: list[FaceUncertainty] = []
+    check_predict_options(isinstance(predictor, Predictor), ellipses, detector, passes, detect and not boxes,
+                          combine)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[str, str]] = []
     records: list[dict] = []
     for path, stem in collect_images(images):
         try:
-            image = read_image_bgr(path, max_pixels)
-            h, w = image.shape[:2]
-            given = np.stack([check_box(b, w, h) for b in boxes]) if boxes else None
-            earlier: list[np.ndarray] = []
-            if passes > 1 or detector != "haar":  # the last pass's crops; predicted below
-                given, earlier = refine_faces(predictor, image, given, detect, detector, passes)
-            if uncertain:
-                found = predictor.predict_with_uncertainty(image, boxes=given, detect=detect)
-                faces = [f.landmarks for f in found]
-            else:
-                faces = predictor.predict(image, boxes=given, detect=detect)
-            faces = combine_passes(earlier, faces, combine)
-        except (DataError, ValueError, cv2.error) as err:
-            failures.append((str(path), str(err).splitlines()[0]))
+            record = predict_one(predictor, path, stem, out, boxes, detect, max_pixels, ellipses, detector,
+                                 passes, combine)
+        except PredictError as err:
+            failures.append((str(path), str(err)))
             continue
-        if not faces:
-            failures.append((str(path), "no face found (try --box x,y,w,h or --no-detect)"))
-            continue
-        record = {"image": str(path), "output": str(stem), "layout": predictor.layout.name, "width": w,
-                  "height": h, "faces": [f.round(4).tolist() for f in faces],
-                  "coordinates": "original image pixels, 0-based pixel centres, (x, y)"}
-        if uncertain:
-            record.update(covariance=[f.covariance.round(6).tolist() for f in found],
-                          confidence=[f.confidence.round(4).tolist() for f in found],
-                          uncertainty=describe(predictor.distribution, predictor.temperature))
-        target = out / stem
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target.with_name(f"{stem.name}.json"), (json.dumps(record) + "\n").encode())
-        overlay = image
-        for i, f in enumerate(faces):
-            if ellipses:
-                overlay = draw_ellipses(overlay, f, found[i].covariance, ELLIPSE_COLOR, sigmas=2.0)
-            overlay = draw_landmarks(overlay, f, PRED_COLOR)
-        write_png(target.with_name(f"{stem.name}_overlay.png"), overlay)
         records.append(record)
-        log(f"{path}: {len(faces)} face(s) -> {target.with_name(stem.name + '.json')}")
-    if records:
-        atomic_write_bytes(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+        log(f"{path}: {len(record['faces'])} face(s) -> {(out / stem).with_name(stem.name + '.json')}")
+    write_results(out, records)
     return failures
+
+
+def check_predict_options(torch_backend: bool, ellipses: bool, detector: str, passes: int, load: bool,
+                          combine: str = DEFAULT_COMBINE) -> None:
+    """Refuse what the backend cannot do before any image is read (``load``: the detector's weights)."""
+    if ellipses and not torch_backend:
+        raise ValueError("--ellipses: the onnx backend outputs landmarks only (no heatmaps); use --backend torch")
+    check_options(detector, passes, load=load, combine=combine)

@@ -219,7 +219,7 @@ def resolve_run_model(run_id: str, name: str) -> str:
 def face_crops(image_bgr: np.ndarray, boxes: np.ndarray | None, detect: bool
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(BGR image, crop centres (F, 2), scales (F,))`` by :meth:`Predictor.predict`'s rule for boxes/detect."""
-    image_bgr = _as_bgr(image_bgr)
+    image_bgr = as_bgr(image_bgr)
     if boxes is None:
         boxes = detect_faces(image_bgr) if detect else whole_image_box(image_bgr)
         haar = detect
@@ -243,7 +243,8 @@ def crop_batch(image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray, s
     return torch.stack(crops), np.stack(mats)
 
 
-def _as_bgr(image: np.ndarray) -> np.ndarray:
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """Grey or BGRA -> BGR, as the predictor reads images."""
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if image.shape[2] == 4:

@@ -28,7 +28,8 @@ AUTH_HELP = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a file holding th
              "~/.ray/auth_token (`ray get-auth-token` prints it on the head node)")
 # flare subcommand -> the CLI words it runs on the cluster
 SUBMIT_COMMANDS: dict[str, tuple[str, ...]] = {"prepare": ("data", "prepare"), "train": ("train",),
-                                               "tune": ("tune",), "eval": ("eval",)}
+                                               "tune": ("tune",), "eval": ("eval",),
+                                               "predict": ("predict", "--ray")}  # Ray Data batch inference
 # the job runs the cluster's `python` (a head from `flare cluster up` puts its venv first on PATH); `flare`
 # itself is the shipped copy (py_modules), whatever is installed there
 ENTRYPOINT = ("python", "-m", "flare.platform.cli")
@@ -203,7 +204,9 @@ def entrypoint(command: str, args: list[str]) -> str:
     return shlex.join([*ENTRYPOINT, *SUBMIT_COMMANDS[command], *args])
 
 
-DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out")}  # parameters that name data on the cluster
+# parameters that name data or storage on the cluster
+DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out"), "train": ("storage",), "tune": ("storage",),
+                "predict": ("images", "out", "model")}
 ABSOLUTE_HELP = "the cluster gets this project's code, not its data: use an absolute path or a URI that the cluster sees"
 
 
@@ -214,12 +217,13 @@ def command_params(command: str, args: list[str], cli: Any) -> dict[str, Any]:
 
     cmd: Any = cli
     ctx = None
+    words = [w for w in SUBMIT_COMMANDS[command] if not w.startswith("-")]  # sub-commands, then fixed options
+    fixed = list(SUBMIT_COMMANDS[command][len(words):])
     try:
-        for word in SUBMIT_COMMANDS[command]:
+        for word in words:
             ctx = click.Context(cmd, info_name=word, parent=ctx)
             cmd = cmd.get_command(ctx, word)
-        return cmd.make_context(" ".join(SUBMIT_COMMANDS[command]), list(args), parent=ctx,
-                                resilient_parsing=True).params
+        return cmd.make_context(" ".join(words), [*fixed, *args], parent=ctx, resilient_parsing=True).params
     except click.ClickException as err:
         raise ClusterError(f"flare {' '.join(SUBMIT_COMMANDS[command])}: {err.format_message()}") from None
 
@@ -252,8 +256,13 @@ def check_cluster_paths(command: str, args: list[str], cli: Any, root: Path | No
     words = " ".join(SUBMIT_COMMANDS.get(command, (command,)))
     params = command_params(command, args, cli)
     for name in DATA_OPTIONS.get(command, ()):
-        if params.get(name) is not None and _relative(params[name]):
-            raise ClusterError(f"flare submit {words}: --{name} {params[name]} is relative; {ABSOLUTE_HELP}")
+        values = params.get(name)
+        for value in values if isinstance(values, list | tuple) else [values]:
+            # a model may also be a registry URI or a run id (no slash): only a path-like one must be absolute
+            if value is not None and _relative(value) and (name != "model" or "/" in str(value)
+                                                           or Path(value).exists()):
+                shown = name.upper() if name == "images" else f"--{name}"
+                raise ClusterError(f"flare submit {words}: {shown} {value} is relative; {ABSOLUTE_HELP}")
     if command not in ("train", "tune"):
         return
 

@@ -26,13 +26,13 @@ from flare.platform.builders import build_model
 from flare.platform.checkpoints import (
     check_resume,
     checkpoint_info,
-    latest_checkpoint,
     load_checkpoint,
     selected_weights,
 )
 from flare.platform.config import ConfigError, JobConfig
 from flare.platform.progress import EpochPrinter
 from flare.platform.ray_batches import ACTOR_CPUS, RankBatches
+from flare.platform.storage import check_storage, join, local_dir, newest_checkpoint, resolve_storage
 from flare.platform.train_loop import VAL_METRIC, train_worker
 
 
@@ -88,7 +88,11 @@ class RaySession:
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            yield Path(self.resume_from) if self.resume_from else None
+            if self.resume_from is None:
+                yield None
+            else:
+                with local_dir(self.resume_from) as d:  # a URI in --storage: downloaded, then removed
+                    yield d
             return
         with ckpt.as_directory() as d:
             yield Path(d)
@@ -182,10 +186,10 @@ class TrainOutcome:
     """What a finished training run produced."""
 
     run_id: str | None
-    best_checkpoint: Path
+    best_checkpoint: str  # a path, or a URI in a remote --storage
     best_metrics: dict[str, Any]
     registered_version: str | None
-    storage: Path
+    storage: str  # the run's folder in the storage
     history: list[dict[str, Any]]
 
 
@@ -266,8 +270,8 @@ def open_run(job: JobConfig, tracking_uri: str, parent_run_id: str | None = None
     return run_id, name
 
 
-def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, tracking_uri: str | None,
-                 run_id: str | None, resume_from: Path | None = None, worker_env: dict[str, str] | None = None,
+def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: str, tracking_uri: str | None,
+                 run_id: str | None, resume_from: str | None = None, worker_env: dict[str, str] | None = None,
                  callbacks: list | None = None):
     """The ``TorchTrainer`` of one run: workers from ``job.scaling`` (each reads its batches from the
     shards, :mod:`flare.platform.ray_batches`), best-k-by-val-NME checkpoints and worker-failure restarts."""
@@ -277,12 +281,12 @@ def make_trainer(job: JobConfig, manifest: Manifest, name: str, storage: Path, t
     return TorchTrainer(
         _ray_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "resume_from": str(resume_from) if resume_from else None},
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=job.scaling.workers, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker},
                                      placement_strategy=job.scaling.placement_strategy),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), callbacks=callbacks,
+            name=name, storage_path=storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_best,
                                                checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="min"),
@@ -300,7 +304,7 @@ def local_copy(checkpoint: Any) -> Path:
     return local
 
 
-def train(job: JobConfig, address: str | None = None, storage: Path | None = None, resume: str | None = None,
+def train(job: JobConfig, address: str | None = None, storage: str | Path | None = None, resume: str | None = None,
           log=print, worker_env: dict[str, str] | None = None, allow_changes: Sequence[str] = ()) -> TrainOutcome:
     """Run ``job`` on Ray Train and register the selected model. ``resume`` is an MLflow run id of an
     interrupted run: it continues from that run's latest checkpoint without redoing finished epochs, with
@@ -315,7 +319,8 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
 
     manifest = check_job(job)
     tracking_uri = job.mlflow.tracking_uri or tracking.default_tracking_uri()
-    storage = Path(storage or Path.cwd() / "runs").resolve()
+    storage = resolve_storage(storage)  # a path made absolute here (workers run elsewhere), or a URI
+    check_storage(storage)
     ensure_ray(address)
     check_resources(job)
     tracking.setup(tracking_uri, job.mlflow.experiment)
@@ -324,9 +329,10 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
         name = mlflow.get_run(resume).data.tags.get("flare.ray_run_name")
         if not name:
             raise ConfigError(f"--resume {resume}: not a flare training run")
-        resume_from, run_id = latest_checkpoint(storage / name), resume
+        resume_from, run_id = newest_checkpoint(join(storage, name)), resume
         if resume_from is not None:
-            check_resume(resume_from, job, allow_changes)
+            with local_dir(resume_from) as d:
+                check_resume(d, job, allow_changes)
         mlflow.MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")  # ended again when training ends
     else:
         run_id, name = open_run(job, tracking_uri)
@@ -348,8 +354,8 @@ def train(job: JobConfig, address: str | None = None, storage: Path | None = Non
     finally:
         shutil.rmtree(local, ignore_errors=True)
         tracking.end_run(client, run_id, status, ended)
-    outcome.best_checkpoint = Path(best.path)  # in Ray storage (this machine's for the default ./runs)
-    outcome.storage, outcome.history = storage / name, list(result.return_value or [])
+    outcome.storage, outcome.history = join(storage, name), list(result.return_value or [])
+    outcome.best_checkpoint = join(outcome.storage, Path(best.path).name)  # in Ray's storage
     return outcome
 
 

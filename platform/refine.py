@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from flare.datasets.records import FaceRecord, crop_center_scale, landmark_box
 from flare.platform.detectors import check_detector, detector_crops
 from flare.platform.detectors import detect as detect_boxes
-from flare.platform.predictor import CROP_ENLARGE, boxes_to_crops, whole_image_box
+from flare.platform.predictor import CROP_ENLARGE, as_bgr, boxes_to_crops, whole_image_box
 
 # What --refine runs (on by default in flare predict). Chosen on the 300W validation faces (bench/boxes.py
 # --faces val, bench/results/boxes_val.txt): the mean of two passes beat one pass and the second pass alone with
@@ -96,7 +95,7 @@ def refine_faces(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None
     pass ``passes``) and the landmarks (F, N, 2) of passes 1 .. passes-1, which run here (``passes`` = 1: the
     first-pass crop, nothing predicted). A face whose re-crop is implausible (:func:`plausible`) keeps its crop."""
     check_options(detector, passes)
-    image_bgr = to_bgr(image_bgr)
+    image_bgr = as_bgr(image_bgr)
     centers, scales = first_pass_crops(image_bgr, boxes, detect, detector)
     centers, scales, history = refine_crops(predictor, image_bgr, centers, scales, passes - 1)
     return crops_to_boxes(centers, scales), history
@@ -138,10 +137,3 @@ def check_options(detector: str, passes: int, load: bool = False, combine: str =
         raise ValueError(f"unknown combine {combine!r}; known: {', '.join(COMBINE)}")
 
 
-def to_bgr(image: np.ndarray) -> np.ndarray:
-    """Grey or BGRA -> BGR (as :meth:`Predictor.predict` reads images)."""
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    return image

@@ -7,10 +7,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
 from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
 from flare.losses.star import weighted_moments
+from flare.losses.uncertainty import distribution_for, landmark_distribution
 from flare.models.decode import label_to_crop
 from flare.platform.config import JobConfig
 from flare.platform.evaluate import evaluate_model, to_uint8_images
@@ -18,15 +17,6 @@ from flare.platform.plots import ellipse_grid, overlay_grid
 from flare.platform.predictor import Predictor
 
 N_FACES = 8
-
-
-def distribution(heatmaps: torch.Tensor, job: JobConfig) -> torch.Tensor:
-    """The per-landmark distribution a decoder sees: the map itself for non-negative STAR/soft-argmax
-    maps (sum-normalised downstream), softmax(H / epsilon) for RwSA's signed scores."""
-    if job.objective.name != "rwsa":
-        return heatmaps
-    b, n, h, w = heatmaps.shape
-    return torch.softmax(heatmaps.reshape(b, n, -1) / job.objective.rwsa.epsilon, -1).reshape(b, n, h, w)
 
 
 def write_run_figures(predictor: Predictor, job: JobConfig, out: Path) -> list[Path]:
@@ -42,7 +32,8 @@ def write_run_figures(predictor: Predictor, job: JobConfig, out: Path) -> list[P
     pred = predictor.decode(heat)
     images = to_uint8_images(batch["image"])
     gts = list(batch["landmarks_crop"].numpy())
-    mu, cov = weighted_moments(distribution(heat, job).double())
+    kind = distribution_for(job.objective.name, predictor.decoder)  # softmax(H / epsilon) for RwSA's scores
+    mu, cov = weighted_moments(landmark_distribution(heat.double(), kind, job.objective.rwsa.epsilon))
     mu_px = label_to_crop(mu, size).numpy()
     cov_px = (cov * (size / 2) ** 2).numpy()  # normalised units -> crop px^2
     return [out / "val_eval" / "ced.png",

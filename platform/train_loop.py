@@ -78,6 +78,40 @@ class EpochStats:
         return {f"train_{k}": float(v) / max(self.steps, 1) for k, v in self.terms.items()}
 
 
+@dataclass
+class TrainStep:
+    """One optimisation step on a compact host batch: point maps drawn on the device
+    (:func:`expand_batch`), forward under bf16 autocast (``bf16``) in channels_last (``channels_last``),
+    the objective (STAR eq. 7 / RwSA eq. 6 with AWing terms, method.md 6), backward, gradient clipping,
+    Adam, EMA. Returns the objective's terms (on the device, no host sync)."""
+
+    model: nn.Module
+    forward: Callable[[torch.Tensor], Any]  # the model, or its DDP / compiled wrapper
+    objective: nn.Module
+    opt: torch.optim.Optimizer
+    ema: AveragedModel
+    gen: torch.Generator
+    input_size: int
+    grad_clip: float | None = None
+    bf16: bool = False
+    channels_last: bool = False
+
+    def __call__(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.gen.device
+        batch = expand_batch({k: v.to(device, non_blocking=True) for k, v in host.items()}, self.input_size)
+        image = batch["image"].contiguous(memory_format=torch.channels_last) if self.channels_last else batch["image"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = self.forward(image)
+        total, terms = self.objective(outputs, batch, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.ema.update_parameters(self.model)
+        return terms
+
+
 def validate(model: nn.Module, session: Session, job: JobConfig, layout: Layout, batch_size: int,
              prefix: str) -> dict[str, float]:
     """NME/FR/AUC on the validation split for every decoder compared (method.md 9.6; rank 0 only)."""
@@ -150,24 +184,15 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
     builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True)
     gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
+    step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
+                     bf16=use_bf16, channels_last=fast)
     epoch, going = start_epoch, start_epoch < plan.epochs
     while going:
         fault_hook(epoch, session.rank)
         stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
         batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
         for host in batches:
-            batch = expand_batch({k: v.to(device, non_blocking=True) for k, v in host.items()}, job.data.input_size)
-            image = batch["image"].contiguous(memory_format=torch.channels_last) if fast else batch["image"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                outputs = forward(image)
-            total, terms = objective(outputs, batch, gen)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if job.optimizer.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), job.optimizer.grad_clip)
-            opt.step()
-            ema.update_parameters(model)
-            stats.add(terms, len(host["image"]))
+            stats.add(step(host), len(host["image"]))
         lr = opt.param_groups[0]["lr"]
         sched.step()
         elapsed = time.perf_counter() - t0

@@ -43,6 +43,7 @@ from flare.platform.plots import format_values, plot_trials, trial_table
 from flare.platform.ray_batches import ACTOR_CPUS
 from flare.platform.registry import champion_if_better
 from flare.platform.search_space import SearchSpec, load_search, plain, validate_search
+from flare.platform.storage import local_storage
 from flare.platform.trust import check_trusted_tree
 from flare.platform.tune_trial import METRIC, TIME_ATTR, FlareTrial, SearchState, StopBoard, board_name
 
@@ -84,7 +85,7 @@ def _absolute_manifests(raw: dict[str, Any], search: SearchSpec) -> tuple[dict[s
 
 
 def plan_search(job_file: Path, search_file: Path, overrides: list[str] | None = None, samples: int | None = None,
-                name: str | None = None, storage: Path | None = None, tracking_uri: str | None = None,
+                name: str | None = None, storage: str | Path | None = None, tracking_uri: str | None = None,
                 check: Callable[[JobConfig], Any] | None = None) -> SearchState:
     """Load and validate the job and the search file (every corner of every parameter applied to the
     job, and checked against the data with ``check``) before anything starts (nothing is written)."""
@@ -99,7 +100,7 @@ def plan_search(job_file: Path, search_file: Path, overrides: list[str] | None =
                           "'optuna': pip install 'flare-landmarks[optuna]'")
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    storage = Path(storage or Path.cwd() / "runs").resolve()
+    storage = Path(local_storage(storage))
     name = name or f"{job.name}-{search.name or Path(search_file).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     if any(c in name for c in "/\\ ") or not name or len(name) > 100 or not name.isprintable():
         raise ConfigError(f"--name {name!r}: use a name without slashes or spaces")
@@ -281,7 +282,7 @@ def _first_line(trial: Any) -> str | None:
         return "error"
 
 
-def run_search(state: SearchState | None = None, *, resume: str | None = None, storage: Path | None = None,
+def run_search(state: SearchState | None = None, *, resume: str | None = None, storage: str | Path | None = None,
                max_concurrent: str | int = "auto", address: str | None = None, log=print,
                verbose: bool = True) -> SearchOutcome:
     """Run (or with ``resume``, continue) a search planned by :func:`plan_search`, then report,
@@ -293,7 +294,7 @@ def run_search(state: SearchState | None = None, *, resume: str | None = None, s
     from flare.platform.ray_connect import verbose as ray_verbose
 
     if resume:
-        state = SearchState.load(storage or Path.cwd() / "runs", resume)
+        state = SearchState.load(storage, resume)
         check_trusted_tree(state.path)  # Tuner.restore unpickles what lies there
     assert state is not None
     state.tracking_uri = state.tracking_uri or tracking.default_tracking_uri()

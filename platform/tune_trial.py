@@ -28,10 +28,12 @@ import ray
 from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback  # internal; Ray is pinned
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flare.files import atomic_write_bytes
 from flare.platform.config import ConfigError, JobConfig, parse_job
 from flare.platform.search_space import SearchSpec, plain, set_paths
+from flare.platform.storage import local_storage
 
 METRIC = "val_nme"
 TIME_ATTR = "epochs_done"  # epochs completed (the loop's 0-based ``epoch`` + 1): ASHA's time axis
@@ -70,10 +72,11 @@ class SearchState:
         atomic_write_bytes(self.path / STATE_FILE, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
-    def load(cls, storage: Path, name: str) -> SearchState:
-        path = Path(storage).resolve() / name / STATE_FILE
+    def load(cls, storage: str | Path | None, name: str) -> SearchState:
+        root = Path(local_storage(storage))
+        path = root / name / STATE_FILE
         if not path.is_file():
-            raise ConfigError(f"--resume {name}: no search named {name} under {Path(storage).resolve()}")
+            raise ConfigError(f"--resume {name}: no search named {name} under {root}")
         return cls(**json.loads(path.read_text()))
 
     def trial_job(self, values: dict[str, Any], trial_id: str | None = None) -> JobConfig:
@@ -131,7 +134,9 @@ class FlareTrial(tune.Trainable):
         self.job = self.state.trial_job(self.values, self.trial_id)
         manifest = check_job(self.job)
         self.run_id = child_run(self.state, self.job, self.trial_id, self.values)
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # the trial's queue lives on the trial's node: it goes when the trial goes, never with another node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.controller: Any = None
         self.aborted = False  # aborted because the search was interrupted
         self.stopping = False  # Tune (ASHA) is stopping the trial

@@ -7,23 +7,6 @@ from pathlib import Path
 
 import pytest
 
-SLOW_ENV = "FLARE_SLOW_TESTS"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: several minutes each (fault injection on real clusters and "
-                            "servers); run with FLARE_SLOW_TESTS=1 (`make test-slow`)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep `make test` within its 25-minute budget on 2 cores: the slow fault tests run on request."""
-    if os.environ.get(SLOW_ENV):
-        return
-    skip = pytest.mark.skip(reason=f"slow fault-injection test: set {SLOW_ENV}=1 (make test-slow) to run it")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
 
 @pytest.fixture(scope="session")
 def test_data() -> Path:

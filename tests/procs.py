@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the caller binds it next)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def proc_table() -> dict[int, tuple[int, int, str]]:

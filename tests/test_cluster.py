@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
-from procs import proc_table
+from procs import free_port, proc_table
 
 from flare.platform.local_head import ClusterState, check_port_free, remove_created
 from flare.platform.ray_jobs import ClusterError, entrypoint, find_token, stage_package
@@ -33,12 +35,6 @@ FLARE = [str(Path(sys.executable).parent / "flare")]
 ROOT = Path(__file__).resolve().parents[1]
 HOST_ENV_DROP = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
                  "MLFLOW_TRACKING_URI", "FLARE_CLUSTER_STATE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def flare(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -191,6 +187,20 @@ def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
     assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("python -m flare.platform.cli train ")
     r = flare(["jobs", "logs", train_id, "--address", url], env)
     assert r.returncode == 0 and f"model logged to run {run.info.run_id}, registered tiny-300w v1" in r.stdout
+
+    # batch inference on the cluster with the registered model: 2 Ray Data actors, each loading it once
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / "photos" / f"p{i}.png"), rng.integers(0, 255, (72, 64, 3), dtype=np.uint8))
+    r = flare(["submit", "predict", str(tmp_path / "photos"), "--model", "models:/tiny-300w/1", "--out",
+               str(tmp_path / "pred"), "--no-detect", "--actors", "2", "--batch-size", "2", "--address", url,
+               "--wait"], {**env, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    assert "5 image(s) on " in r.stdout and "0 failed" in r.stdout
+    rows = [json.loads(ln) for ln in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in rows] == [f"p{i}" for i in range(5)]
+    assert all(np.asarray(x["faces"]).shape == (1, 68, 2) for x in rows)
 
 
 def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> None:
@@ -359,8 +369,10 @@ def test_entrypoint_and_shipped_package(tmp_path: Path) -> None:
     assert entrypoint("prepare", ["--format", "synthetic", "--out", "/tmp/a b"]) == \
         "python -m flare.platform.cli data prepare --format synthetic --out '/tmp/a b'"
     assert entrypoint("train", ["jobs/tiny.yaml"]) == "python -m flare.platform.cli train jobs/tiny.yaml"
-    with pytest.raises(ClusterError, match="cannot submit 'predict'"):
-        entrypoint("predict", [])
+    assert entrypoint("predict", ["/in", "--model", "models:/m@champion", "--out", "/out"]) == \
+        "python -m flare.platform.cli predict --ray /in --model models:/m@champion --out /out"
+    with pytest.raises(ClusterError, match="cannot submit 'demo'"):
+        entrypoint("demo", [])
     pkg = stage_package(ROOT, tmp_path / "flare")
     assert (pkg / "platform" / "cli.py").read_bytes() == (ROOT / "platform" / "cli.py").read_bytes()
     assert (pkg / "jobs" / "tiny.yaml").is_file() and (pkg / ".flare_py_module").is_file()
@@ -395,12 +407,21 @@ def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
                                                                 "data/300w"])
     assert "--root 300W is relative" in refused("prepare", ["--format", "300w", "--root", "300W", "--out", "/d"])
     assert "--data data/300w is relative" in refused("eval", ["models:/m@champion", "--data", "data/300w"])
+    assert "--storage runs is relative" in refused("train", ["tiny", "--set", "data.manifest=/d/m.json",
+                                                             "--storage", "runs"])
+    assert "IMAGES photos is relative" in refused("predict", ["/in", "photos", "--model", "models:/m/1",
+                                                              "--out", "/out"])
+    assert "--out out is relative" in refused("predict", ["/in", "--model", "models:/m/1", "--out", "out"])
+    assert "--model model/ is relative" in refused("predict", ["/in", "--model", "model/", "--out", "/o"])
     for command, args in [("train", ["jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'm.json'}"]),
                           ("train", ["tiny", "--set", "data.manifest=s3://bucket/300w/manifest.json"]),
                           ("tune", ["300w_star", "--search", "star", "--set", "data.manifest=/shared/m.json"]),
                           ("tune", ["--resume", "some-search"]),
                           ("prepare", ["--format", "synthetic", "--out", str(tmp_path / "d"), "--no-ray"]),
                           ("eval", ["models:/m@champion", "--data", "/shared/300w", "--out", str(tmp_path)]),
+                          ("train", ["tiny", "--set", "data.manifest=/d/m.json", "--storage", "s3://b/runs"]),
+                          ("predict", ["/in", "--model", "0123abcd", "--out", "/o"]),  # a run id
+                          ("predict", ["/in", "/more", "--model", "/models/m", "--out", "/o", "--actors", "3"]),
                           ("train", ["jobs/no-such-spec.yaml"])]:  # not here to read: the job reports it
         check_cluster_paths(command, args, cli, ROOT)
 

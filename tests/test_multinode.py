@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from procs import proc_table
+from procs import free_port, proc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,12 +40,6 @@ HEAD_IP = "127.0.0.2"
 GUARD_S = 900  # one flare command; a hang fails the test instead of the CI run
 HOST_ENV_DROP = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
                  "MLFLOW_TRACKING_URI", "FLARE_CLUSTER_STATE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Any, timeout_s: float = 180.0, every_s: float = 0.5) -> Any:
@@ -338,7 +331,6 @@ def trials(path: Path) -> dict[str, dict]:
                          if t.trial_id in frames else []} for t in ea.trials}
 
 
-@pytest.mark.slow
 def test_tune_driver_sigkilled_then_resumed(spread_job: dict, two_nodes: TwoNodes, mlflow_server: MlflowServer,
                                             small_300w: Path, tmp_path: Path) -> None:
     """``flare tune --address HEAD`` is SIGKILLed once its first trial is TERMINATED in Tune's experiment
@@ -407,7 +399,6 @@ def test_tune_driver_sigkilled_then_resumed(spread_job: dict, two_nodes: TwoNode
           f"wall {time.monotonic() - t0:.0f} s")
 
 
-@pytest.mark.slow
 def test_a_node_dies_mid_epoch_and_training_finishes(two_nodes: TwoNodes, mlflow_server: MlflowServer,
                                                      small_300w: Path, tmp_path: Path) -> None:
     """SPREAD puts a rank on each node; once epoch 1's checkpoint is registered, every process of the worker

@@ -98,6 +98,35 @@ def test_bad_box_is_one_line_before_anything_runs(model_dir: Path, tmp_path: Pat
     assert not (tmp_path / "o").exists()
 
 
+def test_ray_batch_inference_writes_what_flare_predict_writes(ray_cluster, model_dir: Path, tmp_path: Path) -> None:
+    """``flare predict --ray``: 5 images and a broken one in batches of 2 on 2 Ray Data actors (each loads
+    the model once, so 3 batches reuse an actor); the same JSON records and JSONL order as one process, the
+    broken image reported and the others predicted."""
+    from flare.platform.predict_ray import PredictJob, predict_on_ray
+
+    for i, d in enumerate("abcde"):
+        face(tmp_path / "in" / d / "face.jpg", i)
+    broken = face(tmp_path / "in" / "f" / "face.jpg", 5)
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    lines: list[str] = []
+    job = PredictJob(str(model_dir), detect=False)
+    failures = predict_on_ray(job, [tmp_path / "in"], tmp_path / "ray", actors=2, batch_size=2, log=lines.append)
+    assert failures == [(str(broken), failures[0][1])] and "corrupt" in failures[0][1]
+    local = predict_files(Predictor.from_dir(model_dir, device="cpu"), [tmp_path / "in"], tmp_path / "one",
+                          detect=False, log=lambda s: None)
+    assert [p for p, _ in local] == [str(broken)]
+    ray_rows = [json.loads(ln) for ln in (tmp_path / "ray" / "predictions.jsonl").read_text().splitlines()]
+    one_rows = [json.loads(ln) for ln in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in ray_rows] == [r["output"] for r in one_rows] == [f"{d}/face" for d in "abcde"]
+    for a, b in zip(ray_rows, one_rows, strict=True):
+        np.testing.assert_allclose(a["faces"], b["faces"], atol=1e-3)
+        assert a["image"] == str(Path(b["image"]).resolve())
+        assert (tmp_path / "ray" / f"{a['output']}_overlay.png").stat().st_size > 0
+    summary = lines[-1]
+    assert summary.startswith("6 image(s) on ") and "1 failed" in summary
+    assert int(summary.split(" on ")[1].split()[0]) <= 2  # 3 batches, at most 2 model loads
+
+
 def test_eval_refuses_an_unknown_decoder(model_dir: Path, tmp_path: Path) -> None:
     """``flare eval --decoder bogus`` used to run plain argmax and label the metrics "bogus"."""
     from flare.platform.cli import app

@@ -158,7 +158,6 @@ def test_300w_rows_and_shard_digests(w300) -> None:
     assert np.allclose(cov, cov.transpose(0, 2, 1)) and np.linalg.eigvalsh(cov).min() > 0
 
 
-@pytest.mark.slow  # a second full 300W prepare (~40 s): make test-slow
 def test_300w_compact_pack_fits_40_mib_with_the_same_geometry(test_data: Path, w300, tmp_path: Path) -> None:
     """``--image-size 384 --jpeg-quality 75``: all of 300W (train, val, test) in at most 40 MiB (what a GPU
     window can carry), the same faces and splits, and the training crops agree with the default pack's."""

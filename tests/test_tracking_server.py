@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FLARE = str(Path(sys.executable).parent / "flare")
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -98,9 +92,9 @@ def test_epochs_buffered_while_the_server_is_down_are_sent_after(server: Server,
     assert not logger.log({"val_nme": 9.9}, 1)  # an epoch is logged once, whatever happens
 
 
-@pytest.mark.slow
 def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Server, small_300w: Path,
-                                                                  test_data: Path, tmp_path: Path) -> None:
+                                                                  test_data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """``flare train tiny`` from a folder holding ``data/300w`` (the spec's relative manifest, resolved on the
     driver; Ray's workers run elsewhere) logs over HTTP (driver and rank 0); the server is down for 20 s
     during epoch 2; the run still ends FINISHED with every epoch logged once and its model registered; then
@@ -141,16 +135,20 @@ def test_train_through_a_server_that_blinks_then_pull_predict_eval(server: Serve
     assert sorted(steps) == list(range(epochs)), steps  # every epoch exactly once
     assert [str(v.version) for v in client.search_model_versions("name = 'served'")] == ["1"]
 
-    pulled = tmp_path / "pulled"
-    r = subprocess.run([FLARE, "models", "pull", "served/1", "--out", str(pulled)], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr
+    # the same CLI in this process (torch and MLflow are imported already): pull, predict, eval
+    from typer.testing import CliRunner
+
+    from flare.platform.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["models", "pull", "served/1", "--out", str(tmp_path / "pulled")])
+    assert r.exit_code == 0, r.output
     img = min((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))
-    r = subprocess.run([FLARE, "predict", str(img), "--model", "models:/served/1", "--out", str(tmp_path / "pred"),
-                        "--no-detect"], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["predict", str(img), "--model", "models:/served/1", "--out", str(tmp_path / "pred"),
+                                 "--no-detect"])
+    assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "pred" / f"{img.stem}.json").read_text())["faces"][0]) == 68
-    r = subprocess.run([FLARE, "eval", "models:/served/1", "--data", str(small_300w), "--split", "test"],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["eval", "models:/served/1", "--data", str(small_300w), "--split", "test"])
+    assert r.exit_code == 0, r.output
     assert 0 < json.loads(r.stdout)["nme"] < 10

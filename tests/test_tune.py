@@ -182,7 +182,6 @@ def test_trial_runs_end_with_their_training_and_say_what_they_ran(first_search: 
     assert version.tags["flare.data.digest"] == digest
 
 
-@pytest.mark.slow
 def test_worse_search_interrupted_resumed_keeps_champion(first_search: dict, env: dict,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert first_search["res"].exit_code == 0
