@@ -74,11 +74,12 @@ def _name(path: Path | str | bytes) -> str:
     return "<bytes>" if isinstance(path, bytes) else str(path)
 
 
-def load_landmarks(model: str, backend: str = "torch", threads: int | None = None) -> Predictor | OnnxLandmarks:
+def load_landmarks(model: str, backend: str = "torch", threads: int | None = None,
+                   tracking_uri: str | None = None) -> Predictor | OnnxLandmarks:
     """``backend="torch"``: :meth:`Predictor.load`; ``"onnx"``: an exported ``.onnx`` file, or anything
-    ``Predictor.load`` accepts, exported in memory first."""
+    ``Predictor.load`` accepts, exported in memory first (registry models from ``tracking_uri``)."""
     if backend == "torch":
-        return Predictor.load(model)
+        return Predictor.load(model, tracking_uri=tracking_uri)
     if backend != "onnx":
         raise ValueError(f"--backend {backend!r}: expected torch or onnx")
     _require_onnxruntime()
@@ -87,4 +88,5 @@ def load_landmarks(model: str, backend: str = "torch", threads: int | None = Non
     from flare.platform.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        return OnnxLandmarks(export_onnx(Predictor.load(model, device="cpu"), Path(tmp) / "model.onnx"), threads)
+        return OnnxLandmarks(export_onnx(Predictor.load(model, device="cpu", tracking_uri=tracking_uri),
+                                         Path(tmp) / "model.onnx"), threads)

@@ -55,9 +55,7 @@ class PredictActor:
         from flare.platform.onnx_backend import load_landmarks
 
         self.job, self.out = PredictJob(**job), Path(out)
-        if self.job.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = self.job.tracking_uri
-        self.predictor = load_landmarks(self.job.model, self.job.backend)
+        self.predictor = load_landmarks(self.job.model, self.job.backend, tracking_uri=self.job.tracking_uri or None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records, errors = [], []
@@ -76,6 +74,14 @@ class PredictActor:
                 "error": np.array(errors, dtype=object), "actor": np.full(n, os.getpid())}
 
 
+def check_model(job: PredictJob) -> None:
+    """Load the model once on the driver, so that a bad reference is one line before any actor starts
+    (an actor that fails to load it would end the dataset with a long Ray traceback)."""
+    from flare.platform.onnx_backend import load_landmarks
+
+    load_landmarks(job.model, job.backend, tracking_uri=job.tracking_uri or None)
+
+
 def predict_on_ray(job: PredictJob, images: Sequence[Path], out: Path, actors: int = 2, batch_size: int = 16,
                    address: str | None = None, log: Callable[[str], None] = print) -> list[tuple[str, str]]:
     """Predict every image on ``actors`` Ray Data actors (``ACTOR_CPUS`` each) in batches of ``batch_size``
@@ -91,6 +97,7 @@ def predict_on_ray(job: PredictJob, images: Sequence[Path], out: Path, actors: i
     pairs = collect_images(images)
     if not pairs:
         raise ConfigError(f"{', '.join(map(str, images))}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    check_model(job)
     ensure_ray(address)
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     if actors * ACTOR_CPUS > cpus:

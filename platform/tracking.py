@@ -157,6 +157,23 @@ def ended_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def quick_requests(retries: int = 1, timeout_s: float = 10.0) -> Iterator[None]:
+    """MLflow HTTP requests in this block give up after ``retries`` retries and ``timeout_s`` each (MLflow
+    reads both per request; by default it retries 7 times with exponential backoff, about 4 minutes)."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class EpochLogger:
     """Logs one dict of metrics per epoch into an existing run, at most once per epoch: epochs that
     the run already holds (a restarted worker redoing work) are skipped. When the tracking server cannot
@@ -186,12 +203,15 @@ class EpochLogger:
         return True
 
     def send(self) -> bool:
-        """Send the queued epochs in order; True when nothing is left (False: the server is unreachable)."""
+        """Send the queued epochs in order; True when nothing is left (False: the server is unreachable).
+        Each request fails within seconds (:func:`quick_requests`) instead of MLflow's minutes of retries,
+        so an outage never holds training up: the epoch waits in the buffer instead."""
         for epoch in sorted(self.pending):
             batch = self.pending[epoch]
             try:
-                for i in range(0, len(batch), 200):
-                    self.client.log_batch(self.run_id, metrics=batch[i : i + 200])
+                with quick_requests():
+                    for i in range(0, len(batch), 200):
+                        self.client.log_batch(self.run_id, metrics=batch[i : i + 200])
             except Exception as err:  # noqa: BLE001 - MLflow raises many types when the server is down
                 print(f"MLflow unreachable, epoch {epoch} buffered ({type(err).__name__}); retried with the next "
                       "epoch", flush=True)

@@ -82,8 +82,9 @@ class EpochStats:
 class TrainStep:
     """One optimisation step on a compact host batch: point maps drawn on the device
     (:func:`expand_batch`), forward under bf16 autocast (``bf16``) in channels_last (``channels_last``),
-    the objective (STAR eq. 7 / RwSA eq. 6 with AWing terms, method.md 6), backward, gradient clipping,
-    Adam, EMA. Returns the objective's terms (on the device, no host sync)."""
+    the objective (the STAR total of method.md 4.8 or the RwSA total of 5.8, each with its AWing heatmap
+    terms), backward, gradient clipping, Adam, EMA (recipes 4.11 / 5.10). Returns the objective's terms
+    (on the device, no host sync)."""
 
     model: nn.Module
     forward: Callable[[torch.Tensor], Any]  # the model, or its DDP / compiled wrapper

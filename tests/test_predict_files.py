@@ -127,6 +127,17 @@ def test_ray_batch_inference_writes_what_flare_predict_writes(ray_cluster, model
     assert int(summary.split(" on ")[1].split()[0]) <= 2  # 3 batches, at most 2 model loads
 
 
+def test_ray_batch_inference_refuses_a_bad_model_before_ray_starts(tmp_path: Path) -> None:
+    from flare.platform.cli import app
+
+    face(tmp_path / "in" / "a.jpg", 0)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), "--ray", "--model", str(tmp_path / "in"),
+                                   "--out", str(tmp_path / "o")])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "no state.pt found (not a flare model" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_refuses_an_unknown_decoder(model_dir: Path, tmp_path: Path) -> None:
     """``flare eval --decoder bogus`` used to run plain argmax and label the metrics "bogus"."""
     from flare.platform.cli import app
