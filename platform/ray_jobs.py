@@ -205,7 +205,7 @@ def entrypoint(command: str, args: list[str]) -> str:
 
 
 # parameters that name data or storage on the cluster
-DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out"), "train": ("storage",), "tune": ("storage",),
+DATA_OPTIONS = {"prepare": ("root", "out"), "eval": ("data", "out"), "train": ("storage", "run_dir"), "tune": ("storage",),
                 "predict": ("images", "out", "model")}
 ABSOLUTE_HELP = "the cluster gets this project's code, not its data: use an absolute path or a URI that the cluster sees"
 
@@ -261,7 +261,7 @@ def check_cluster_paths(command: str, args: list[str], cli: Any, root: Path | No
             # a model may also be a registry URI or a run id (no slash): only a path-like one must be absolute
             if value is not None and _relative(value) and (name != "model" or "/" in str(value)
                                                            or Path(value).exists()):
-                shown = name.upper() if name == "images" else f"--{name}"
+                shown = name.upper() if name == "images" else f"--{name.replace('_', '-')}"
                 raise ClusterError(f"flare submit {words}: {shown} {value} is relative; {ABSOLUTE_HELP}")
     if command not in ("train", "tune"):
         return
@@ -285,6 +285,10 @@ def check_cluster_paths(command: str, args: list[str], cli: Any, root: Path | No
     search = _shipped_file(params["search"], root, "jobs/search") if params.get("search") else None
     if search is not None:
         map_path_values(load_yaml(search), refuse(str(params["search"])))
+    need = "run_dir" if params.get("no_ray") else "storage"
+    if not params.get(need):
+        raise ClusterError(f"flare submit {words}: give --{need.replace('_', '-')}; the default ./runs would land in "
+                           f"the job's temporary copy of this project, and {ABSOLUTE_HELP}")
 
 
 def stage_package(root: Path, dest: Path) -> Path:

@@ -165,6 +165,7 @@ def test_submit_prepare_and_train(cluster, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     r = flare(["submit", "train", "jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'data' / 'manifest.json'}",
+               "--storage", str(tmp_path / "runs"),
                "--set", "optimizer.epochs=1", "--address", url, "--wait"], {**env, "MLFLOW_TRACKING_URI": uri})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     train_id = r.stdout.split("submitted ", 1)[1].split()[0]
@@ -217,6 +218,7 @@ def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     r = flare(["submit", "tune", "jobs/tiny.yaml", "--search", str(search), "--name", "cluster-search",
+               "--storage", str(tmp_path / "runs"),
                "--set", f"data.manifest={tmp_path / 'data' / 'manifest.json'}",
                "--address", url, "--wait"], {**env, "MLFLOW_TRACKING_URI": uri}, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
@@ -239,7 +241,8 @@ def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> 
 
 def test_failed_and_stopped_jobs_exit_1(cluster, tmp_path: Path) -> None:
     env, url = cluster["env"], cluster["url"]
-    r = flare(["submit", "train", "jobs/no-such-spec.yaml", "--address", url, "--wait"], env)
+    r = flare(["submit", "train", "jobs/no-such-spec.yaml", "--storage", str(tmp_path / "runs"), "--address", url,
+               "--wait"], env)
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
     assert r.returncode == 1 and f"job {job_id} FAILED" in r.stdout
     r = flare(["submit", "prepare", "--format", "synthetic", "--count", "100000", "--out", str(tmp_path / "big"),
@@ -257,7 +260,7 @@ def test_wrong_address_is_one_line_and_quick(cluster) -> None:
     t0 = time.monotonic()
     for args in (["jobs", "list", "--address", f"http://127.0.0.1:{port}"],
                  ["submit", "train", "jobs/tiny.yaml", "--set", "data.manifest=/shared/300w/manifest.json",
-                  "--address", f"127.0.0.1:{port}", "--wait"]):
+                  "--storage", "/shared/runs", "--address", f"127.0.0.1:{port}", "--wait"]):
         r = flare(args, cluster["env"])
         assert r.returncode == 2
         assert one_error_line(r).startswith(f"error: cannot reach Ray at http://127.0.0.1:{port}: ")
@@ -413,16 +416,25 @@ def test_submit_refuses_relative_data_paths(tmp_path: Path) -> None:
                                                               "--out", "/out"])
     assert "--out out is relative" in refused("predict", ["/in", "--model", "models:/m/1", "--out", "out"])
     assert "--model model/ is relative" in refused("predict", ["/in", "--model", "model/", "--out", "/o"])
-    for command, args in [("train", ["jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'm.json'}"]),
-                          ("train", ["tiny", "--set", "data.manifest=s3://bucket/300w/manifest.json"]),
-                          ("tune", ["300w_star", "--search", "star", "--set", "data.manifest=/shared/m.json"]),
-                          ("tune", ["--resume", "some-search"]),
+    # no --storage (or --run-dir with --no-ray): checkpoints would land in the job's temporary copy
+    assert "give --storage; the default ./runs would land in the job's temporary copy" in refused(
+        "train", ["tiny", "--set", "data.manifest=/d/m.json"])
+    assert "give --storage" in refused("tune", ["--resume", "some-search"])
+    assert "give --run-dir" in refused("train", ["tiny", "--set", "data.manifest=/d/m.json", "--no-ray"])
+    assert "--run-dir out is relative" in refused("train", ["tiny", "--set", "data.manifest=/d/m.json", "--no-ray",
+                                                           "--run-dir", "out"])
+    shared = ["--storage", "/shared/runs"]
+    for command, args in [("train", ["jobs/tiny.yaml", "--set", f"data.manifest={tmp_path / 'm.json'}", *shared]),
+                          ("train", ["tiny", "--set", "data.manifest=s3://bucket/300w/manifest.json", *shared]),
+                          ("train", ["tiny", "--set", "data.manifest=/d/m.json", "--no-ray", "--run-dir", "/r"]),
+                          ("tune", ["300w_star", "--search", "star", "--set", "data.manifest=/shared/m.json", *shared]),
+                          ("tune", ["--resume", "some-search", *shared]),
                           ("prepare", ["--format", "synthetic", "--out", str(tmp_path / "d"), "--no-ray"]),
                           ("eval", ["models:/m@champion", "--data", "/shared/300w", "--out", str(tmp_path)]),
                           ("train", ["tiny", "--set", "data.manifest=/d/m.json", "--storage", "s3://b/runs"]),
                           ("predict", ["/in", "--model", "0123abcd", "--out", "/o"]),  # a run id
                           ("predict", ["/in", "/more", "--model", "/models/m", "--out", "/o", "--actors", "3"]),
-                          ("train", ["jobs/no-such-spec.yaml"])]:  # not here to read: the job reports it
+                          ("train", ["jobs/no-such-spec.yaml", *shared])]:  # not here to read: the job reports it
         check_cluster_paths(command, args, cli, ROOT)
 
 
