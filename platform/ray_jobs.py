@@ -386,7 +386,16 @@ def job_logs(conn: Connection, job_id: str) -> str:
         return conn.client.get_job_logs(job_id)
 
 
-def stop_job(conn: Connection, job_id: str) -> bool:
-    """Ask a job to stop; False when it had already finished."""
+def stop_job(conn: Connection, job_id: str, start_timeout_s: float = 60.0) -> bool:
+    """Ask a job to stop; False when it had already finished. A job still PENDING is first given up to
+    ``start_timeout_s`` to start: Ray can mark a job stopped while its supervisor is still launching the
+    entrypoint, which then runs on, orphaned (seen here with Ray 2.60)."""
+    import time
+
+    from ray.job_submission import JobStatus
+
     with _calls(conn.url, job_id):
+        deadline = time.monotonic() + start_timeout_s
+        while conn.client.get_job_status(job_id) == JobStatus.PENDING and time.monotonic() < deadline:
+            time.sleep(0.5)  # polling the job's state with a deadline
         return bool(conn.client.stop_job(job_id))

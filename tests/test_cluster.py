@@ -253,6 +253,28 @@ def test_failed_and_stopped_jobs_exit_1(cluster, tmp_path: Path) -> None:
     r = flare(["jobs", "logs", job_id, "--follow", "--address", url], env)
     assert r.returncode == 1 and f"job {job_id} STOPPED" in r.stdout
     assert json.loads(flare(["jobs", "status", job_id], env).stdout)["status"] == "STOPPED"
+    # and its process is gone: a stop that raced the job's start once left it running, orphaned
+    deadline, left = time.monotonic() + 30, running_with(str(tmp_path / "big"))
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling the process table with a deadline
+        left = running_with(str(tmp_path / "big"))
+    for pid in left:  # this test's own job (its unique output path is in the command line)
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"the stopped job's processes {left} were still running"
+
+
+def running_with(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker``."""
+    table = proc_table()
+    pids = []
+    for pid, (_, _, state) in table.items():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            pids.append(pid)
+    return pids
 
 
 def test_wrong_address_is_one_line_and_quick(cluster) -> None:
