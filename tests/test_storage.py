@@ -69,17 +69,21 @@ class S3Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
                                          stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no S3 server on {self.endpoint}") from None
-                time.sleep(0.3)  # polling a condition with a deadline
-        self.fs.create_dir(bucket)
+        try:  # a server that never answers, or a bucket that cannot be made, is stopped here
+            deadline = time.monotonic() + 60
+            while True:
+                assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                try:
+                    urllib.request.urlopen(self.endpoint, timeout=2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no S3 server on {self.endpoint}") from None
+                    time.sleep(0.3)  # polling a condition with a deadline
+            self.fs.create_dir(bucket)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def env(self) -> dict[str, str]:
