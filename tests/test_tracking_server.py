@@ -59,9 +59,9 @@ class Server:
 @pytest.fixture()
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     srv = Server(tmp_path)
-    srv.start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
-    try:
+    try:  # a start that fails stops what it started
+        srv.start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
         yield srv
     finally:
         srv.stop()
