@@ -230,12 +230,15 @@ def eval_(
                                                     "layout's, 0.05 for 300W)")] = None,
     extremes: Annotated[int, typer.Option("--extremes", min=0, help="with --out: overlay the best and worst N "
                                           "faces by NME (extremes.png)")] = 0,
+    backend: Annotated[str, typer.Option("--backend", help="torch, or onnx (MODEL: an exported .onnx file, "
+                                         "int8 included, or a model exported in memory)")] = "torch",
 ) -> None:
     """NME, FR and AUC overall and per subset, as JSON (and a CED plot with --out)."""
     from flare.platform.evaluate import evaluate_model
-    from flare.platform.predictor import Predictor
+    from flare.platform.onnx_backend import load_landmarks
 
-    summary = evaluate_model(Predictor.load(model), data, split, out, decoder, normaliser, threshold, extremes)
+    predictor = load_landmarks(model, backend)
+    summary = evaluate_model(predictor, data, split, out, decoder, normaliser, threshold, extremes)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
@@ -331,7 +334,7 @@ def predict(
 
         local = Path(model).exists()  # a directory or .onnx file every node sees, else a registry/run URI
         job = PredictJob(str(Path(model).resolve()) if local else model, backend,
-                         "" if local else default_tracking_uri(), boxes, not no_detect, ellipses, detector, passes)
+                         None if local else default_tracking_uri(), boxes, not no_detect, ellipses, detector, passes)
         failures = predict_on_ray(job, images, out, actors, batch_size, address, typer.echo)
     else:
         predictor = load_landmarks(model, backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,10 +20,13 @@ from flare.models.decode import check_decoder
 from flare.models.metrics import ced_curve, evaluate
 from flare.platform.predictor import Predictor
 
+if TYPE_CHECKING:
+    from flare.platform.onnx_backend import OnnxLandmarks
+
 SUBSETS_SKIPPED = {"full", "synthetic"}
 
 
-def predict_split(predictor: Predictor, data: Path, split: str, batch_size: int = 32,
+def predict_split(predictor: Predictor | OnnxLandmarks, data: Path, split: str, batch_size: int = 32,
                   decoder: str | None = None) -> dict[str, Any]:
     """Predictions and ground truth (original px) plus subset tags for every face of ``split``."""
     manifest = load_manifest(data)
@@ -42,7 +45,7 @@ def predict_split(predictor: Predictor, data: Path, split: str, batch_size: int 
             "layout": manifest.layout}
 
 
-def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: Path | None = None,
+def evaluate_model(predictor: Predictor | OnnxLandmarks, data: Path, split: str = "test", out: Path | None = None,
                    decoder: str | None = None, normaliser: str | None = None, threshold: float | None = None,
                    extremes: int = 0) -> dict[str, Any]:
     """Metrics overall and per subset (FR/AUC at ``threshold``, default the layout's); with ``out``, also
@@ -82,7 +85,7 @@ def evaluate_model(predictor: Predictor, data: Path, split: str = "test", out: P
     return summary
 
 
-def extremes_png(predictor: Predictor, data: Path, split: str, labels: dict[str, str], path: Path,
+def extremes_png(predictor: Predictor | OnnxLandmarks, data: Path, split: str, labels: dict[str, str], path: Path,
                  decoder: str | None = None) -> Path:
     """Overlay grid of the faces named in ``labels`` (in that order) on their input crops."""
     from flare.platform.plots import overlay_grid

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,12 +106,20 @@ def export_onnx_bytes(predictor: Any, opset: int = DEFAULT_OPSET, decoder: str |
     return proto.SerializeToString()
 
 
-def export_onnx(predictor: Any, path: Path, opset: int = DEFAULT_OPSET, decoder: str | None = None) -> Path:
-    """Write ``predictor`` as ONNX to ``path`` atomically (temp file + rename); returns ``path``."""
+def export_onnx(predictor: Any, path: Path, opset: int = DEFAULT_OPSET, decoder: str | None = None,
+                int8_crops: np.ndarray | None = None, int8_source: str = "") -> Path:
+    """Write ``predictor`` as ONNX to ``path`` atomically (temp file + rename); returns ``path``. With
+    ``int8_crops`` (F, 3, S, S), its convolutions are quantized to int8, calibrated on those crops
+    (:func:`flare.platform.quantize.quantize_int8`)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; give the .onnx file to write")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory")
-    atomic_write_bytes(path, export_onnx_bytes(predictor, opset, decoder))
+    model = export_onnx_bytes(predictor, opset, decoder)
+    if int8_crops is not None:
+        from flare.platform.quantize import quantize_int8
+
+        model = quantize_int8(model, int8_crops, int8_source)
+    atomic_write_bytes(path, model)
     return path

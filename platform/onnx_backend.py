@@ -54,10 +54,14 @@ class OnnxLandmarks:
         self.decoder = self.metadata["flare.decoder"]
         self.input_name = self.session.get_inputs()[0].name
 
-    def predict_batch(self, images: torch.Tensor | np.ndarray,
-                      to_original: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+    def predict_batch(self, images: torch.Tensor | np.ndarray, to_original: np.ndarray | torch.Tensor | None = None,
+                      decoder: str | None = None) -> np.ndarray:
         """Landmarks (B, N, 2) float64 for crops (B, 3, S, S): crop px, or original px through
-        ``to_original`` (B, 3, 3), the crop -> original matrices (as :meth:`Predictor.predict_batch`)."""
+        ``to_original`` (B, 3, 3), the crop -> original matrices (as :meth:`Predictor.predict_batch`).
+        ``decoder`` may only name the graph's own (it is part of the exported graph)."""
+        if decoder is not None and decoder != self.decoder:
+            raise ValueError(f"--decoder {decoder}: this ONNX graph decodes with {self.decoder} (export it with "
+                             f"--decoder {decoder})")
         x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         x = np.ascontiguousarray(x, dtype=np.float32)
         size = self.input_size

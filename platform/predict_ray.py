@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from flare.errors import FlareError
 from flare.platform.config import ConfigError
 from flare.platform.predict_files import (
     IMAGE_SUFFIXES,
@@ -31,6 +32,8 @@ from flare.platform.predict_files import (
 )
 
 ACTOR_CPUS = 1.0
+ACTOR_START_S = 600  # how long the actors may take to start and load the model
+_LOADS = 0  # models loaded by PredictActor in this process (each row reports it: a reload would show)
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class PredictJob:
 
     model: str
     backend: str = "torch"
-    tracking_uri: str = ""
+    tracking_uri: str | None = None  # a registry model is read from here (None: MLflow's default)
     boxes: list | None = None
     detect: bool = True
     ellipses: bool = False
@@ -54,8 +57,10 @@ class PredictActor:
     def __init__(self, job: dict[str, Any], out: str) -> None:
         from flare.platform.onnx_backend import load_landmarks
 
+        global _LOADS
         self.job, self.out = PredictJob(**job), Path(out)
-        self.predictor = load_landmarks(self.job.model, self.job.backend, tracking_uri=self.job.tracking_uri or None)
+        self.predictor = load_landmarks(self.job.model, self.job.backend, tracking_uri=self.job.tracking_uri)
+        _LOADS += 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records, errors = [], []
@@ -71,7 +76,7 @@ class PredictActor:
                 errors.append(str(err))
         n = len(records)
         return {"index": batch["index"], "record": np.array(records, dtype=object),
-                "error": np.array(errors, dtype=object), "actor": np.full(n, os.getpid())}
+                "error": np.array(errors, dtype=object), "actor": np.full(n, os.getpid()), "loads": np.full(n, _LOADS)}
 
 
 def check_model(job: PredictJob) -> None:
@@ -79,7 +84,7 @@ def check_model(job: PredictJob) -> None:
     (an actor that fails to load it would end the dataset with a long Ray traceback)."""
     from flare.platform.onnx_backend import load_landmarks
 
-    load_landmarks(job.model, job.backend, tracking_uri=job.tracking_uri or None)
+    load_landmarks(job.model, job.backend, tracking_uri=job.tracking_uri)
 
 
 def predict_on_ray(job: PredictJob, images: Sequence[Path], out: Path, actors: int = 2, batch_size: int = 16,
@@ -105,17 +110,32 @@ def predict_on_ray(job: PredictJob, images: Sequence[Path], out: Path, actors: i
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     items = [{"index": i, "path": str(p.resolve()), "stem": str(s)} for i, (p, s) in enumerate(pairs)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-    rows = ds.map_batches(PredictActor, fn_constructor_kwargs={"job": asdict(job), "out": str(out)},
-                          batch_size=batch_size, concurrency=actors, num_cpus=ACTOR_CPUS,
-                          batch_format="numpy").take_all()
+    # a fixed pool of `actors`, each given one batch at a time, and no batch before every actor has loaded the
+    # model: otherwise the first actor up takes every batch while the others are still loading (a pool that
+    # cannot start fails after ACTOR_START_S instead of waiting forever)
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    context = ray.data.DataContext.get_current()  # a dataset copies it when it is created
+    saved, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+        rows = ds.map_batches(PredictActor, fn_constructor_kwargs={"job": asdict(job), "out": str(out)},
+                              batch_size=batch_size, compute=pool, num_cpus=ACTOR_CPUS,
+                              batch_format="numpy").take_all()
+    except ray.exceptions.GetTimeoutError as err:
+        raise FlareError(f"--actors {actors}: the actors did not all start within {ACTOR_START_S} s "
+                         "(other work holding the cluster's CPUs?)") from err
+    finally:
+        context.wait_for_min_actors_s = saved
     rows.sort(key=lambda r: int(r["index"]))
     records = [json.loads(r["record"]) for r in rows if r["record"]]
     failures = [(items[int(r["index"])]["path"], str(r["error"])) for r in rows if not r["record"]]
     for record in records:
         log(f"{record['image']}: {len(record['faces'])} face(s) -> {out / record['output']}.json")
     write_results(out, records)
-    log(f"{len(rows)} image(s) on {len({int(r['actor']) for r in rows})} actor(s), each loading the model once; "
+    loads: dict[int, int] = {}  # per actor process, the most models it had loaded
+    for r in rows:
+        loads[int(r["actor"])] = max(loads.get(int(r["actor"]), 0), int(r["loads"]))
+    log(f"{len(rows)} image(s) on {len(loads)} actor(s), {sum(loads.values())} model load(s); "
         f"{len(failures)} failed; results in {out}")
     return failures
 

@@ -160,7 +160,9 @@ def ended_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
 @contextlib.contextmanager
 def quick_requests(retries: int = 1, timeout_s: float = 10.0) -> Iterator[None]:
     """MLflow HTTP requests in this block give up after ``retries`` retries and ``timeout_s`` each (MLflow
-    reads both per request; by default it retries 7 times with exponential backoff, about 4 minutes)."""
+    reads both per request; by default it retries 7 times with exponential backoff, about 4 minutes).
+    MLflow reads them from the environment, so the setting is process-wide while the block runs: a request
+    another thread makes meanwhile fails fast too (in flare only the epoch logger's own thread logs then)."""
     keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)

@@ -23,14 +23,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from procs import free_port, proc_table
+
+from flare.platform.predictor import detect_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -303,6 +308,43 @@ def test_submit_train_then_jobs_logs(spread_job: dict, two_nodes: TwoNodes, mlfl
     logs = flare(["jobs", "logs", job_id, "--address", two_nodes.dashboard], spread_job["env"], spread_job["cwd"])
     assert logs.returncode == 0, logs.stderr
     assert "epoch 1/1" in logs.stdout and f"model logged to run {run_id}, registered mn-spread v1" in logs.stdout
+
+
+def predict_actors(cluster: TwoNodes) -> dict[str, dict]:
+    """actor id -> state API row of every ``flare predict --ray`` actor the cluster ever started."""
+    name = urllib.parse.quote("MapWorker(MapBatches(PredictActor))")
+    rows = cluster.api("/api/v0/actors?detail=1&limit=10000&filter_keys=class_name&filter_predicates=%3D"
+                       f"&filter_values={name}")["data"]["result"]["result"]
+    return {a["actor_id"]: a for a in rows}
+
+
+def test_submit_predict_spans_both_nodes(spread_job: dict, two_nodes: TwoNodes, test_data: Path,
+                                         tmp_path: Path) -> None:
+    """``flare submit predict`` with the model the submitted training registered (``models:/mn-spread/1``):
+    3 Ray Data actors of 1 CPU on a 3-CPU two-node cluster, so the actors run on both nodes; each loads the
+    model once; real 300W photos, the faces Haar finds here found there, JSONL in input order."""
+    photos = [p for p in sorted((test_data / "300W" / "afw").glob("*.jpg"))[:12]
+              if len(detect_faces(cv2.imread(str(p))))][:6]  # photos with a face Haar finds (else: exit 1)
+    (tmp_path / "photos").mkdir()
+    for p in photos:
+        shutil.copy(p, tmp_path / "photos" / p.name)
+    t0, before = time.monotonic(), set(predict_actors(two_nodes))
+    r = flare(["submit", "predict", str(tmp_path / "photos"), "--model", "models:/mn-spread/1", "--out",
+               str(tmp_path / "pred"), "--actors", "3", "--batch-size", "2", "--address", two_nodes.dashboard,
+               "--wait"], spread_job["env"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = next(ln for ln in r.stdout.splitlines() if ln.startswith("6 image(s) on "))
+    assert "on 3 actor(s), 3 model load(s); 0 failed" in summary, summary  # all 3 ready before the 3 batches
+    actors = [a for aid, a in predict_actors(two_nodes).items() if aid not in before]
+    nodes = two_nodes.alive_nodes()
+    assert len(actors) == 3 and {a["node_id"] for a in actors} == set(nodes), (actors, nodes)
+    rows = [json.loads(ln) for ln in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in rows] == [p.stem for p in photos]
+    found = [len(detect_faces(cv2.imread(str(p)))) for p in photos]  # Haar here, in this process
+    assert [len(x["faces"]) for x in rows] == found, (rows, found)
+    assert all(np.asarray(f).shape == (68, 2) for x in rows for f in x["faces"])
+    print(f"\n[multinode] submit predict: 6 photos on 3 actors over {sorted(nodes.values())}, "
+          f"wall {time.monotonic() - t0:.0f} s")
 
 
 def test_strict_spread_with_more_workers_than_nodes_is_refused(two_nodes: TwoNodes, mlflow_server: MlflowServer,

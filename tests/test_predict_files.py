@@ -124,7 +124,8 @@ def test_ray_batch_inference_writes_what_flare_predict_writes(ray_cluster, model
         assert (tmp_path / "ray" / f"{a['output']}_overlay.png").stat().st_size > 0
     summary = lines[-1]
     assert summary.startswith("6 image(s) on ") and "1 failed" in summary
-    assert int(summary.split(" on ")[1].split()[0]) <= 2  # 3 batches, at most 2 model loads
+    actors = int(summary.split(" on ")[1].split()[0])
+    assert 1 <= actors <= 2 and f"{actors} actor(s), {actors} model load(s);" in summary  # 3 batches, 1 load each
 
 
 def test_ray_batch_inference_refuses_a_bad_model_before_ray_starts(tmp_path: Path) -> None:
