@@ -37,7 +37,7 @@ from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.local_loader import LocalLoader, WaitClock
-from flare.platform.train_loop import TrainStep
+from flare.platform.train_loop import TrainStep, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -98,7 +98,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
         model = model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
     objective = objective_from_config(job.objective).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, betas=tuple(job.optimizer.betas))
+    opt = make_optimizer(model, job.optimizer, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)
     batches = WaitClock(endless(loaders.get(job, batch)))
     forward = torch.compile(model) if precision == COMPILED else model
