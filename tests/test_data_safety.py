@@ -316,3 +316,21 @@ def test_fifos_directories_and_devices_are_not_images(tmp_path: Path) -> None:
     (tmp_path / "null.png").symlink_to("/dev/null")
     with pytest.raises(DataError, match="null.png: is a device file, not a regular file"):
         check_image_file(tmp_path / "null.png")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path, umask: int) -> None:
+    """An atomically written file (an exported model, metrics) is not left with the temp file's 0600: it gets
+    0666 less the umask, as a plain open() would, and no temp file is left beside it."""
+    from flare.files import atomic_write_bytes
+
+    before = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "model.onnx", b"graph")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(before)
+    mode = (tmp_path / "model.onnx").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "plain"]
