@@ -55,8 +55,9 @@ class Manifest:
         return int(self.data.get("counts", {}).get(split, {}).get("all", 0))
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest (schema version, shard files present). One-line errors name the file."""
+def load_manifest(path: str | Path, layout: str | None = None) -> Manifest:
+    """Read and check a manifest (schema version, shard files present and, given ``layout``, the model's
+    layout). One-line errors name the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
@@ -74,7 +75,10 @@ def load_manifest(path: str | Path) -> Manifest:
     for shard in data["shards"]:
         if not (path.parent / shard["path"]).is_file():
             raise ManifestError(f"{path}: shard {shard['path']} is missing")
-    return Manifest(path, data)
+    manifest = Manifest(path, data)
+    if layout is not None and manifest.layout.name != layout:
+        raise ManifestError(f"{path}: layout {manifest.layout.name} does not match the model's {layout}")
+    return manifest
 
 
 def iter_local_rows(

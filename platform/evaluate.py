@@ -29,10 +29,7 @@ SUBSETS_SKIPPED = {"full", "synthetic"}
 def predict_split(predictor: Predictor | OnnxLandmarks, data: Path, split: str, batch_size: int = 32,
                   decoder: str | None = None) -> dict[str, Any]:
     """Predictions and ground truth (original px) plus subset tags for every face of ``split``."""
-    manifest = load_manifest(data)
-    if manifest.layout.name != predictor.layout.name:
-        raise ValueError(f"{manifest.path}: layout {manifest.layout.name} does not match the model's "
-                         f"{predictor.layout.name}")
+    manifest = load_manifest(data, predictor.layout.name)
     builder = BatchBuilder(manifest.layout, predictor.input_size, augment=False)
     preds, gts, subsets, ids = [], [], [], []
     for rows in iter_local_rows(manifest, split, batch_size):

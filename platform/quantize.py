@@ -33,15 +33,14 @@ def calibration_crops(data: Path, layout: str, input_size: int, faces: int = DEF
     as ``flare eval`` builds them (no augmentation). ValueError: another layout, or no faces in ``split``."""
     from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
 
-    manifest = load_manifest(data)
-    if manifest.layout.name != layout:
-        raise ValueError(f"--calibrate {manifest.path}: layout {manifest.layout.name} does not match the "
-                         f"model's {layout}")
+    manifest = load_manifest(data, layout)
     builder = BatchBuilder(manifest.layout, input_size, augment=False)
     crops: list[np.ndarray] = []
-    for rows in iter_local_rows(manifest, split, 32):
-        crops.append(builder(rows[: faces - sum(len(c) for c in crops)])["image"].numpy())
-        if sum(len(c) for c in crops) >= faces:
+    left = faces
+    for rows in iter_local_rows(manifest, split, min(32, faces)):
+        crops.append(builder(rows[:left])["image"].numpy())
+        left -= len(crops[-1])
+        if left <= 0:
             break
     if not crops:
         raise ValueError(f"--calibrate {manifest.path}: no faces in its {split!r} split")

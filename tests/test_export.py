@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,9 +219,14 @@ def test_int8_export_quantizes_the_convolutions_only(tmp_path: Path, synthetic_d
 def test_int8_export_refuses_missing_or_bad_calibration(tmp_path: Path, synthetic_data: Path) -> None:
     model_dir = _model_dir(tmp_path, "softargmax")
     runner = CliRunner()
+    other = tmp_path / "wflw"  # the same shards, declared as another layout
+    shutil.copytree(synthetic_data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "layout": "wflw98"}))
     for extra, expected in ((["--int8"], "--int8 and --calibrate DATA go together"),
                             (["--calibrate", str(synthetic_data)], "--int8 and --calibrate DATA go together"),
-                            (["--int8", "--calibrate", str(tmp_path / "nowhere")], str(tmp_path / "nowhere"))):
+                            (["--int8", "--calibrate", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+                            (["--int8", "--calibrate", str(other)], "layout wflw98 does not match the model's 300w68")):
         r = runner.invoke(app, ["export", "onnx", str(model_dir), "--out", str(tmp_path / "q.onnx"), *extra])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and expected in lines[0], r.output
