@@ -3,9 +3,10 @@
 (a) Throughput of the paper configs (``jobs/300w_star.yaml``, ``jobs/300w_rwsa.yaml``) on the real data
 path: batches from the prepared shards built by :class:`~flare.platform.local_loader.LocalLoader`
 workers, then the step of ``train_worker`` (forward, objective, backward, clip, Adam, EMA), fp32 eager vs
-bf16 autocast + channels_last (and, time allowing, + torch.compile); images/s, share of the time the step
-waited for data, MFU, peak memory, batch (halved on out-of-memory). (b) ``flare train 300w_star --no-ray``
-with ``optimizer.time_budget_s`` (epochs and LR milestones fitted to the budget), then the
+bf16 autocast + channels_last, + torch.compile of the residual blocks (STAR, in a child process under a
+timeout; RwSA bf16 only); images/s, share of the time the step waited for data, MFU, peak memory, batch
+(halved on out-of-memory). (b) ``flare train 300w_star --no-ray`` with ``optimizer.time_budget_s`` (epochs
+and LR milestones fitted to the budget; ``compile: blocks`` when that row was faster), then the
 validation-selected checkpoint evaluated on the test split (300W common subset).
 (c) At most 8 files under ``--out`` (``$OUT``): summary.json (environment, throughput rows, training and
 test figures), throughput.md, profile.txt, train_metrics.jsonl, train_log.txt, val_curve.png, ced.png, and
@@ -37,15 +38,14 @@ from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.local_loader import LocalLoader, WaitClock
-from flare.platform.train_loop import TrainStep, make_optimizer
+from flare.platform.train_loop import TrainStep, compiled_forward, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
-COMPILED = "bf16+channels_last+compile"
-PROFILED = ("bf16+channels_last",)  # these rows are also profiled into profile.txt
-GRACE_S = 90.0  # the training process is killed only this long after its budget
-DEADLINE_S = 560.0  # the compile case runs only if it can end before this (the device allows 600 s a command)
+COMPILED = "bf16+channels_last+compile_blocks"  # JobConfig.compile "blocks": each residual block compiled
+PROFILED = ("bf16+channels_last", COMPILED)  # these rows are also profiled into profile.txt
+GRACE_S = 60.0  # the training process is killed only this long after its budget
 
 
 def endless(loader: LocalLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -81,6 +81,7 @@ class Loaders:
     def close(self) -> None:
         for loader in self.open.values():
             loader.close()
+        self.open.clear()
 
 
 def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, device: torch.device,
@@ -101,7 +102,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     opt = make_optimizer(model, job.optimizer, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)
     batches = WaitClock(endless(loaders.get(job, batch)))
-    forward = torch.compile(model) if precision == COMPILED else model
+    forward = compiled_forward(model, "blocks" if precision == COMPILED else "off")
     train_step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                            bf16=cl, channels_last=cl)  # the step of train_worker
 
@@ -277,8 +278,9 @@ def environment(device: torch.device, manifest: Manifest) -> dict[str, Any]:
 
 
 def compiled_case(spec: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-    """The torch.compile row, in a child process stopped after ``timeout`` s (compiling the 4-stack model
-    took over 150 s in the first window, and the rows before it must come back)."""
+    """The torch.compile row (residual blocks compiled), in a child process stopped after ``timeout`` s
+    (compiling the whole 4-stack model took over 150 s in the first window, and the other rows must come
+    back); its profile is appended to profile.txt."""
     out = Path(tempfile.mkdtemp(prefix="flare-compile-"))
     cmd = [sys.executable, __file__, "--case", f"{spec}:{COMPILED}", "--out", str(out), "--data", str(args.data),
            "--workers", str(args.workers), "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -288,12 +290,22 @@ def compiled_case(spec: str, args: argparse.Namespace, timeout: float) -> dict[s
         if proc.returncode != 0:
             return {"spec": spec, "precision": COMPILED, "workers": args.workers,
                     "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+        if (out / "profile.txt").exists():
+            with (args.out / "profile.txt").open("a") as f:
+                f.write((out / "profile.txt").read_text())
         return json.loads((out / "case.json").read_text())
     except subprocess.TimeoutExpired:
         return {"spec": spec, "precision": COMPILED, "workers": args.workers,
                 "error": f"not done within {timeout:.0f} s (compile included)"}
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def train_compile_mode(rows: list[dict[str, Any]], spec: str) -> str:
+    """``"blocks"`` when this window's compiled row of ``spec`` beat its bf16 eager row, else ``"off"``: the
+    timed run trains with what measured fastest here."""
+    speed = {r["precision"]: r.get("images_per_s", 0.0) for r in rows if r["spec"] == spec}
+    return "blocks" if speed.get(COMPILED, 0.0) > speed.get("bf16+channels_last", 0.0) > 0 else "off"
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
@@ -310,9 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=None, help="default: the spec's batch size")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--budget", type=float, default=None, help="training run wall-clock seconds (300; dry 20)")
+    p.add_argument("--budget", type=float, default=None, help="training run wall-clock seconds (240; dry 20)")
     p.add_argument("--train-set", action="append", default=[], help="extra --set for the training run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
+    p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for the compiled row, compile "
+                   "included")
     p.add_argument("--case", default=None, help="SPEC:PRECISION: only this throughput row, into OUT/case.json")
     p.add_argument("--specs", nargs="+", default=None, help="throughput rows of these specs only")
     p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS, help="these precisions only")
@@ -324,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workers = args.workers if args.workers is not None else (1 if dry else max(1, min(8, (os.cpu_count() or 4) - 4)))
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 3)
     args.steps = args.steps if args.steps is not None else (2 if dry else 15)
-    args.budget = args.budget if args.budget is not None else (20.0 if dry else 300.0)
+    args.budget = args.budget if args.budget is not None else (20.0 if dry else 240.0)
     if dry and not args.train_set:
         args.train_set = ["optimizer.epochs=2", "data.max_train_samples=16", "data.max_val_samples=8"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -359,28 +373,28 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         for spec in args.specs or specs:
-            for precision in args.precisions or PRECISIONS:
+            for precision in args.precisions or (PRECISIONS if spec == specs[0] else PRECISIONS[-1:]):
                 case(spec, precision)
                 write_table(rows, args.out, peak)  # after every row: a window cut short keeps what it measured
+            if spec == specs[0] and device.type == "cuda" and not args.no_compile:
+                loaders.close()  # the child process needs the CPUs
+                rows.append(compiled_case(spec, args, args.compile_timeout))
+                print(f"  {spec} {COMPILED}: " + (f"{rows[-1]['images_per_s']:.1f} img/s" if "images_per_s" in
+                      rows[-1] else rows[-1]["error"]), flush=True)
+                write_table(rows, args.out, peak)
         print(write_table(rows, args.out, peak), flush=True)
         summary["throughput"] = rows
         if args.throughput_only:
             return
+        loaders.close()
+        summary["train_compile"] = train_compile_mode(rows, specs[0])
+        if summary["train_compile"] != "off":
+            args.train_set = [*args.train_set, f"compile={summary['train_compile']}"]
         summary["train"] = timed_training(specs[0], manifest, args, device, args.out)
         t = summary["train"]
-        print(f"training {t['spec']}: {t['epochs_done']} of {t['planned_epochs']} planned epochs in {t['wall_s']:.0f} s "
-              f"(budget {args.budget:.0f} s); test NME {t.get('eval', {}).get('nme', float('nan')):.2%} ({t.get('eval', {}).get('count', 0)} faces)",
-              flush=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        left = DEADLINE_S - (time.perf_counter() - t_start)
-        if device.type == "cuda" and not args.no_compile and left > 60:
-            loaders.close()  # the child process needs the CPUs
-            rows.append(compiled_case(specs[0], args, left - 10))
-            print(f"  {specs[0]} {COMPILED}: " + (f"{rows[-1]['images_per_s']:.1f} img/s" if "images_per_s" in
-                  rows[-1] else rows[-1]["error"]), flush=True)
-            print(write_table(rows, args.out, peak), flush=True)
-        elif device.type == "cuda":
-            summary["compile_skipped"] = f"{left:.0f} s left before the {DEADLINE_S:.0f} s deadline"
+        print(f"training {t['spec']} (compile {summary['train_compile']}): {t['epochs_done']} of {t['planned_epochs']} "
+              f"planned epochs in {t['wall_s']:.0f} s (budget {args.budget:.0f} s); test NME "
+              f"{t.get('eval', {}).get('nme', float('nan')):.2%} ({t.get('eval', {}).get('count', 0)} faces)", flush=True)
     finally:
         loaders.close()
         summary["wall_s"] = time.perf_counter() - t_start

@@ -164,13 +164,21 @@ class JobConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     ema: EmaConfig = EmaConfig()
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = Field(False, description="torch.compile the training forward (CUDA; gain: bench/gpu_run.py)")
+    compile: Literal["off", "blocks", "model"] = Field(
+        "off", description="torch.compile: each residual block (fast to compile) or the whole forward; true = model "
+        "(CUDA; gain: bench/gpu_run.py)")
     decode: Literal["auto", "softargmax", "argmax", "argmax_refine"] = Field(
         "auto", description="auto: soft-argmax for star/l2/smoothl1; argmax+refine for rwsa, both reported"
     )
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, v: object) -> object:
+        """Specs written before the modes existed said ``compile: true`` (the whole forward) or ``false``."""
+        return {True: "model", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("name")
     @classmethod

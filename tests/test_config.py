@@ -235,6 +235,17 @@ def test_override_result_is_validated() -> None:
     assert _error(tiny, ["optimizer.lr=fast"]).startswith(f"{tiny}: optimizer.lr: ")
 
 
+@pytest.mark.parametrize(("value", "mode"), [("true", "model"), ("false", "off"), ("blocks", "blocks"),
+                                             ("model", "model"), ("off", "off")])
+def test_compile_modes_and_older_booleans(value: str, mode: str) -> None:
+    assert load_job(JOBS / "tiny.yaml", [f"compile={value}"]).compile == mode
+
+
+def test_unknown_compile_mode_names_the_key() -> None:
+    tiny = JOBS / "tiny.yaml"
+    assert _error(tiny, ["compile=fast"]).startswith(f"{tiny}: compile: ")
+
+
 # ------------------------------------------------------------------------------------------ derived
 
 

@@ -32,6 +32,7 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     assert (out / "throughput.md").read_text().count("| tiny |") == 2
     env_facts = summary["env"]
     assert env_facts["device"] == "cpu" and not env_facts["ray_imported"] and not env_facts["mlflow_imported"]
+    assert summary["train_compile"] == "off"  # no compiled row on CPU: the timed run trains eagerly
     train = summary["train"]
     epochs = [json.loads(x) for x in (out / "train_metrics.jsonl").read_text().splitlines()]
     assert train["budget_s"] == 20.0 and train["exit_code"] == 0 and not train["killed_after_grace"]
