@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--specs", nargs="+", default=None, help="throughput rows of these specs only")
     p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS, help="these precisions only")
     p.add_argument("--throughput-only", action="store_true", help="no training run (a short window)")
+    p.add_argument("--train-spec", default=None, help="the timed run's spec (default: 300w_star; dry: tiny)")
     args = p.parse_args(argv)
     dry = args.dry_run
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
@@ -387,10 +388,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.throughput_only:
             return
         loaders.close()
-        summary["train_compile"] = train_compile_mode(rows, specs[0])
+        train_spec = args.train_spec or specs[0]
+        summary["train_compile"] = train_compile_mode(rows, train_spec)
         if summary["train_compile"] != "off":
             args.train_set = [*args.train_set, f"compile={summary['train_compile']}"]
-        summary["train"] = timed_training(specs[0], manifest, args, device, args.out)
+        summary["train"] = timed_training(train_spec, manifest, args, device, args.out)
         t = summary["train"]
         print(f"training {t['spec']} (compile {summary['train_compile']}): {t['epochs_done']} of {t['planned_epochs']} "
               f"planned epochs in {t['wall_s']:.0f} s (budget {args.budget:.0f} s); test NME "
