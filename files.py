@@ -3,6 +3,7 @@ output directories that are replaced only when flare wrote them (marker file ``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -112,3 +113,24 @@ def replace_dir(
         trash.rmdir()
         raise
     shutil.rmtree(trash, ignore_errors=True)  # the new output is in place; a leftover is only hidden clutter
+
+
+def move_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest`` (absent); across file systems (a tmpfs ``/tmp``, a ``TMPDIR`` elsewhere),
+    where a rename fails with EXDEV, copy into a hidden sibling of ``dest``, rename that, then remove ``src``:
+    ``dest`` never appears half-written."""
+    src, dest = Path(src), Path(dest)
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+    part = new_temp_dir(dest)
+    try:
+        shutil.copytree(src, part, dirs_exist_ok=True)
+        os.rename(part, dest)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    shutil.rmtree(src)

@@ -14,6 +14,9 @@ The parallel loader case (``platform/local_loader.py``) times whole epochs of re
 seconds with 1 and then 2 worker processes (persistent workers, started before the clock), rounds
 interleaved in ABBA order, and prints the 2-vs-1 ratio (target >= 1.6x on 2 cores).
 
+Validation crops: un-augmented, full (with targets; what each epoch built once per validated model before
+``train_loop.ValCrops``) vs compact (what ``ValCrops`` builds once per run).
+
 Usage: ``python bench/data.py [--data DIR] [--count 200] [--min-time 2.0] [--baseline-samples 100]
 [--only stages|loader] [--rounds 2]``.
 Without ``--data`` it prepares ``--count`` synthetic faces into a temporary directory first.
@@ -140,6 +143,8 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
     augmented = [augment(i) for i in range(n)]
     builder = BatchBuilder(layout, SIZE, augment=True, seed=0)
     compact = BatchBuilder(layout, SIZE, augment=True, seed=0, compact=True)
+    val_full = BatchBuilder(layout, SIZE, augment=False, seed=0)
+    val_compact = BatchBuilder(layout, SIZE, augment=False, seed=0, compact=True)
     batches = [rows[i : i + batch] for i in range(0, n, batch)]
     base_rows = rows[: max(1, min(baseline_samples, n))]
     base_batches = [base_rows[i : i + batch] for i in range(0, len(base_rows), batch)]
@@ -171,6 +176,14 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
         compact(batches[i], epoch=i)
         return len(batches[i])
 
+    def validation(i: int) -> int:  # before: full crops with their targets, built for each model each epoch
+        val_full(batches[i])
+        return len(batches[i])
+
+    def validation_compact(i: int) -> int:  # now (train_loop.ValCrops): compact, built once per run
+        val_compact(batches[i])
+        return len(batches[i])
+
     def end_to_end(_: int) -> int:
         table = pq.read_table(paths)
         for k in range(0, table.num_rows, batch):
@@ -197,6 +210,8 @@ def measure(manifest: Manifest, split: str, min_time: float, batch: int, baselin
         "ours: BatchBuilder train path": per_second(train, len(batches), min_time),
         "ours: compact BatchBuilder (training's)": per_second(train_compact, len(batches), min_time),
         "ours: read + BatchBuilder": per_second(end_to_end, 1, min_time),
+        "validation crops, full (before)": per_second(validation, len(batches), min_time),
+        "validation crops, compact (ValCrops)": per_second(validation_compact, len(batches), min_time),
         "official-style targets only": per_second(official_targets, len(base_rows), min_time),
         "official-style loader (collated)": per_second(official, len(base_batches), min_time),
     }
@@ -289,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     verdict = "meets" if ours >= TARGET else "misses"
     print(f"ours {ours:.1f} vs official-style {base:.1f} samples/s/core: ratio {ours / base:.1f}x "
           f"({verdict} the {TARGET:.0f} samples/s/core target)")
+    full, compact = figures["validation crops, full (before)"], figures["validation crops, compact (ValCrops)"]
+    print(f"validation crops for raw + EMA: before {2 / full * 1000:.2f} ms/face every epoch; now "
+          f"{1 / compact * 1000:.2f} ms/face in the first epoch ({2 * compact / full:.1f}x less), none after")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 (a) Throughput of the paper configs (``jobs/300w_star.yaml``, ``jobs/300w_rwsa.yaml``) on the real data
 path: batches from the prepared shards built by :class:`~flare.platform.local_loader.LocalLoader`
 workers, then the step of ``train_worker`` (forward, objective, backward, clip, Adam, EMA), fp32 eager vs
-bf16 autocast + channels_last, + torch.compile of the residual blocks (STAR, in a child process under a
-timeout; RwSA bf16 only); images/s, share of the time the step waited for data, MFU, peak memory, batch
+bf16 autocast + channels_last (RwSA: bf16 only), with ``--compile`` also + torch.compile of the residual
+blocks (STAR, in a child process under a timeout); images/s, share of the time the step waited for data, MFU, peak memory, batch
 (halved on out-of-memory). (b) ``flare train 300w_star --no-ray`` with ``optimizer.time_budget_s`` (epochs
 and LR milestones fitted to the budget; ``compile: blocks`` when that row was faster), then the
 validation-selected checkpoint evaluated on the test split (300W common subset).
@@ -131,13 +131,14 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
 
 def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps: int = 3) -> dict[str, float]:
     """``steps`` steps under torch.profiler: where the step's time goes (kernels by device time, ops by
-    host time, kernel launches per step), appended to ``path`` (profile.txt); returns the totals."""
+    host time, ops by input shapes, kernel launches per step), appended to ``path`` (profile.txt); returns
+    the totals."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync(device)
@@ -152,6 +153,8 @@ def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps
                 f"{launches / steps:.0f} kernel launches/step ==\n")
         f.write(events.table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60) + "\n")
+        shaped = prof.key_averages(group_by_input_shape=True)  # which tensors the copies and adds move
+        f.write(shaped.table(sort_by=sort, row_limit=25, max_name_column_width=40, max_shapes_column_width=70) + "\n")
     return {"wall_ms": wall * 1000, "gpu_busy_ms": gpu_busy * 1000, "launches_per_step": launches / steps}
 
 
@@ -324,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="training run wall-clock seconds (240; dry 20)")
     p.add_argument("--train-set", action="append", default=[], help="extra --set for the training run")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
+    p.add_argument("--compile", action="store_true", help="add the compile: blocks row (measured no faster on an "
+                   "H200: bench/results/gpu/2026-11-26_h200_blocks)")
     p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for the compiled row, compile "
                    "included")
     p.add_argument("--case", default=None, help="SPEC:PRECISION: only this throughput row, into OUT/case.json")
@@ -337,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
     specs = ["tiny"] if dry else ["300w_star", "300w_rwsa"]
     args.workers = args.workers if args.workers is not None else (1 if dry else max(1, min(8, (os.cpu_count() or 4) - 4)))
-    args.warmup = args.warmup if args.warmup is not None else (1 if dry else 3)
-    args.steps = args.steps if args.steps is not None else (2 if dry else 15)
+    args.warmup = args.warmup if args.warmup is not None else (1 if dry else 8)
+    args.steps = args.steps if args.steps is not None else (2 if dry else 30)
     args.budget = args.budget if args.budget is not None else (20.0 if dry else 240.0)
     if dry and not args.train_set:
         args.train_set = ["optimizer.epochs=2", "data.max_train_samples=16", "data.max_val_samples=8"]
@@ -377,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             for precision in args.precisions or (PRECISIONS if spec == specs[0] else PRECISIONS[-1:]):
                 case(spec, precision)
                 write_table(rows, args.out, peak)  # after every row: a window cut short keeps what it measured
-            if spec == specs[0] and device.type == "cuda" and not args.no_compile:
+            if spec == specs[0] and device.type == "cuda" and args.compile:
                 loaders.close()  # the child process needs the CPUs
                 rows.append(compiled_case(spec, args, args.compile_timeout))
                 print(f"  {spec} {COMPILED}: " + (f"{rows[-1]['images_per_s']:.1f} img/s" if "images_per_s" in

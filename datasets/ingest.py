@@ -190,6 +190,11 @@ class BatchBuilder:
                 for k, v in out.items()}
 
 
+def image_from_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 crops (B, 3, S, S) as the network's input: x = (v - 127.5) / 127.5 in [-1, 1] (method.md 1.5)."""
+    return (image.float() - 127.5) / 127.5
+
+
 def expand_batch(batch: dict[str, torch.Tensor], input_size: int) -> dict[str, torch.Tensor]:
     """A compact batch (:class:`BatchBuilder` with ``compact=True``), already on its device, as the full one:
     the image in [-1, 1] (x = (v - 127.5) / 127.5, method.md 1.5), edges / 255 and the point heatmaps
@@ -197,7 +202,7 @@ def expand_batch(batch: dict[str, torch.Tensor], input_size: int) -> dict[str, t
     if "point_targets" in batch:
         return batch
     out = dict(batch)
-    out["image"] = (batch["image"].float() - 127.5) / 127.5
+    out["image"] = image_from_uint8(batch["image"])
     out["edge_targets"] = batch["edge_targets"].float() / 255.0
     out["point_targets"] = point_heatmaps_torch(batch["landmarks_crop"], size=input_size, out=input_size // 4)
     return out

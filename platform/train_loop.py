@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flare.datasets.ingest import BatchBuilder, Manifest, expand_batch, iter_local_rows, load_manifest
-from flare.files import atomic_write_bytes
+from flare.datasets.ingest import (BatchBuilder, Manifest, expand_batch, image_from_uint8, iter_local_rows,
+                                   load_manifest)
+from flare.files import atomic_write_bytes, move_dir
 from flare.models.decode import apply_affine, decoders_for
 from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
@@ -113,26 +114,49 @@ class TrainStep:
         return terms
 
 
-def validate(model: nn.Module, session: Session, job: JobConfig, layout: Layout, batch_size: int,
-             prefix: str) -> dict[str, float]:
-    """NME/FR/AUC on the validation split for every decoder compared (method.md 9.6; rank 0 only)."""
-    builder = BatchBuilder(layout, job.data.input_size, augment=False, seed=job.seed)
+class ValCrops:
+    """The validation split as compact batches (uint8 crops, ``to_original``, ``landmarks_original``), built
+    on first use and kept for the run: un-augmented crops are the same every epoch, and building them (one
+    core) cost more than the paper model's validation forward on a GPU (bench/results/gpu)."""
+
+    KEYS = ("image", "to_original", "landmarks_original")
+
+    def __init__(self, session: Session, job: JobConfig, layout: Layout, batch_size: int) -> None:
+        self.session, self.batch_size = session, batch_size
+        self.builder = BatchBuilder(layout, job.data.input_size, augment=False, seed=job.seed, compact=True)
+        self.batches: list[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.batches is None:
+            self.batches = [{k: v for k, v in self.builder(rows).items() if k in self.KEYS}
+                            for rows in self.session.val_rows(self.batch_size)]
+        return iter(self.batches)
+
+
+def validate(models: dict[str, nn.Module], crops: Iterable[dict[str, torch.Tensor]], job: JobConfig,
+             layout: Layout, device: torch.device) -> dict[str, float]:
+    """NME/FR/AUC on the validation split for every model (``{"val_raw": model, "val_ema": ...}``) and every
+    decoder compared (method.md 9.6; rank 0 only); each batch of ``crops`` goes to the device once."""
     decoders = decoders_for(job.objective.name, job.decode)
-    predictor = Predictor.from_job(model, job, layout, decoders[0], device=session.device)
-    preds: dict[str, list[np.ndarray]] = {d: [] for d in decoders}
+    predictors = {prefix: Predictor.from_job(m, job, layout, decoders[0], device=device) for prefix, m in models.items()}
+    preds: dict[tuple[str, str], list[np.ndarray]] = {(p, d): [] for p in models for d in decoders}
     gts: list[np.ndarray] = []
-    model.eval()
-    for rows in session.val_rows(batch_size):
-        batch = builder(rows)
+    for m in models.values():
+        m.eval()
+    for batch in crops:
         gts.append(batch["landmarks_original"].double().numpy())
-        with torch.compiler.set_stance("force_eager"):  # compiled blocks (compile: blocks) stay eager here
-            heat = predictor.heatmaps(batch["image"])
-        for d, out in preds.items():
-            out.append(apply_affine(predictor.decode(heat, d), batch["to_original"].double().numpy()))
-    model.train()
+        to_original = batch["to_original"].double().numpy()
+        image = image_from_uint8(batch["image"].to(device, non_blocking=True))
+        for prefix, predictor in predictors.items():
+            with torch.compiler.set_stance("force_eager"):  # compiled blocks (compile: blocks) stay eager here
+                heat = predictor.heatmaps(image)
+            for d in decoders:
+                preds[prefix, d].append(apply_affine(predictor.decode(heat, d), to_original))
+    for m in models.values():
+        m.train()
     gt = np.concatenate(gts)
     out: dict[str, float] = {}
-    for d, ps in preds.items():
+    for (prefix, d), ps in preds.items():
         res = evaluate(np.concatenate(ps), gt, layout)
         for k in ("nme", "fr", "auc"):
             out[f"{prefix}_{d}_{k}"] = float(res[k])
@@ -214,6 +238,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
     step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                      bf16=use_bf16, channels_last=fast)
+    val_crops = ValCrops(session, job, layout, per_worker)
     epoch, going = start_epoch, start_epoch < plan.epochs
     while going:
         fault_hook(epoch, session.rank)
@@ -229,9 +254,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                                    "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0)}
         ckpt_dir = None
         if session.rank == 0:
-            metrics.update(validate(model, session, job, layout, per_worker, "val_raw"))
-            if job.ema.enabled:
-                metrics.update(validate(ema.module, session, job, layout, per_worker, "val_ema"))
+            models = {"val_raw": model, **({"val_ema": ema.module} if job.ema.enabled else {})}
+            metrics.update(validate(models, val_crops, job, layout, device))
             metrics.update(select_best(metrics, job))
             best = min(best, metrics[VAL_METRIC])
         going = plan.epoch_done(epoch, time.perf_counter() - t0)  # train + validation time
@@ -354,7 +378,7 @@ class LocalSession:
             dest = self.run_dir / "checkpoints" / f"epoch_{metrics['epoch']:04d}"
             if dest.exists():
                 shutil.rmtree(dest)
-            os.replace(checkpoint_dir, dest)
+            move_dir(checkpoint_dir, dest)  # the scratch dir may be on another file system (tmpfs /tmp)
             self.val_nme[dest.name] = float(metrics[VAL_METRIC])
             self.prune(dest.name)
         if self.on_report is not None:

@@ -4,6 +4,9 @@ the same batches whatever the number of workers, and ``data_wait`` reported by e
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,27 @@ def test_local_training_with_workers_reports_data_wait(synth: Manifest, tmp_path
     for r in rows:
         assert 0.0 <= r["data_wait"] <= 1.0 and r["images_per_s"] > 0
     assert session.loader is not None and session.loader.loader is None  # workers stopped at the end
+
+
+def _other_file_system(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's tmp dir")
+    return Path(tempfile.mkdtemp(prefix="flare-test-scratch-", dir=shm))
+
+
+def test_checkpoints_cross_file_systems(synth: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tmpfs /tmp (or TMPDIR) on another file system than the run dir: the epoch checkpoint written in
+    scratch space used to fail its rename (EXDEV) after the first epoch."""
+    scratch = _other_file_system(tmp_path)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        job = load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={synth.path}", "data.max_train_samples=8",
+                                                     "data.max_val_samples=4", "optimizer.epochs=2",
+                                                     "optimizer.batch_size=4"])
+        train_local(job, tmp_path / "run", device="cpu")
+        kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+        assert kept and all((tmp_path / "run" / "checkpoints" / k / "state.pt").is_file() for k in kept)
+        assert list(scratch.iterdir()) == []  # the scratch copies are gone
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
