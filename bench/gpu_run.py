@@ -268,6 +268,20 @@ def evaluate_best(checkpoints: Path, manifest: Manifest, device: torch.device, o
     return {"checkpoint": best.name, **result}
 
 
+GPU_QUERY = "utilization.gpu,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,memory.used"
+
+
+def gpu_state() -> dict[str, str] | None:
+    """``nvidia-smi``'s view of the GPU now (utilisation, SM clock vs its maximum, power, temperature, memory
+    used by every process): a row measured while something else used the GPU, or at low clocks, shows here."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return dict(zip(GPU_QUERY.split(","), (v.strip() for v in out[0].split(",")), strict=False)) if out else None
+
+
 def environment(device: torch.device, manifest: Manifest) -> dict[str, Any]:
     """Host, library versions and data facts (summary.json's ``env``)."""
     import pydantic
@@ -277,7 +291,8 @@ def environment(device: torch.device, manifest: Manifest) -> dict[str, Any]:
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpus": os.cpu_count(), "pydantic": pydantic.VERSION, "dev_shm_mb": shm.total / 2**20 if shm else None,
             "manifest": str(manifest.path), "train_count": manifest.count("train"),
-            "ray_imported": "ray" in sys.modules, "mlflow_imported": "mlflow" in sys.modules}
+            "ray_imported": "ray" in sys.modules, "mlflow_imported": "mlflow" in sys.modules,
+            "gpu_state_at_start": gpu_state() if device.type == "cuda" else None}
 
 
 def compiled_case(spec: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
@@ -362,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
             row["train_flops_per_image"] = train_flops_per_image(job, manifest.layout, device)
         except Exception as err:  # noqa: BLE001 - one failing case must not lose the window's other results
             row = {"spec": spec, "precision": precision, "workers": args.workers, "error": f"{type(err).__name__}: {err}"}
+        if device.type == "cuda":
+            row["gpu_state_after"] = {**(gpu_state() or {}),  # memory.used beyond ours: another process
+                                      "torch_reserved_mib": torch.cuda.memory_reserved(device) / 2**20}
         rows.append(row)
         print(f"  {spec} {precision}: {row.get('images_per_s', 0):.1f} img/s ({time.perf_counter() - t0:.0f} s)"
               + (f" {row['error']}" if "error" in row else ""), flush=True)

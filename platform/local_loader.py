@@ -6,7 +6,9 @@ processes read the shards once, then each builds the batches it is given with th
 ``(epoch, index)``: its rows are the ``index``-th slice of the epoch's permutation (the order of
 :func:`~flare.datasets.ingest.iter_local_rows`) and every sample's augmentation is keyed on
 ``(seed, epoch, sample)``, so the tensors do not depend on the number of workers. Workers persist
-across epochs, prefetch ahead of the step, and on CUDA hand over pinned memory. They start from a
+across epochs and prefetch ahead of the step across the epoch boundary (one stream of batches for epoch
+after epoch: the next epoch's first batches are built while the step validates), and on CUDA hand over
+pinned memory. They start from a
 ``forkserver`` (not ``fork``): a fork of a process whose OpenCV/pyarrow/OpenMP pools hold locks hangs.
 
 Imports only PyTorch, NumPy, OpenCV and pyarrow (no Ray, no MLflow).
@@ -80,19 +82,17 @@ class ShardBatches(Dataset):
 
 
 class EpochSampler(Sampler[BatchKey]):
-    """Yields ``(epoch, i)`` for every batch of the epoch set by :meth:`set_epoch` (runs in the main process)."""
+    """Yields ``(epoch, i)`` for every batch of epoch ``start``, then of ``start + 1``, ... without end (runs in
+    the main process; :class:`LocalLoader` takes one epoch's worth at a time)."""
 
     def __init__(self, batches: int) -> None:
-        self.batches, self.epoch = batches, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.batches
+        self.batches, self.start = batches, 0
 
     def __iter__(self) -> Iterator[BatchKey]:
-        return ((self.epoch, i) for i in range(self.batches))
+        epoch = self.start
+        while True:
+            yield from ((epoch, i) for i in range(self.batches))
+            epoch += 1
 
 
 def _init_worker(_: int) -> None:
@@ -103,7 +103,8 @@ def _init_worker(_: int) -> None:
 
 class LocalLoader:
     """Batches of one split for every epoch, built by ``workers`` persistent processes (0: in this
-    process). Iterate :meth:`epoch`; call :meth:`close` to stop the workers."""
+    process). Iterate :meth:`epoch`; call :meth:`close` to stop the workers. Epochs taken in order, each to
+    its end, come from one stream (``restarts`` stays 1); any other request restarts it at that epoch."""
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder, *,
                  workers: int = 0, limit: int | None = None, shuffle_base: int | None = None,
@@ -117,6 +118,9 @@ class LocalLoader:
             pin_memory=pin_memory, worker_init_fn=_init_worker if workers > 0 else None,
             multiprocessing_context=context if workers > 0 else None,
         )
+        self.stream: Iterator[dict[str, torch.Tensor]] | None = None
+        self.next_key: BatchKey | None = None  # the key of the batch the stream yields next
+        self.restarts = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -125,12 +129,24 @@ class LocalLoader:
         """The batches of ``epoch`` in order."""
         if self.loader is None:
             raise RuntimeError("LocalLoader is closed")
-        self.sampler.set_epoch(epoch)
-        return iter(self.loader)
+        if self.stream is None or self.next_key != (epoch, 0):
+            self.sampler.start = epoch
+            self.stream, self.next_key = iter(self.loader), (epoch, 0)
+            self.restarts += 1
+        return self._take(epoch)
+
+    def _take(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.dataset)
+        for i in range(n):
+            if self.next_key != (epoch, i):  # another epoch() call moved the stream meanwhile
+                raise RuntimeError(f"LocalLoader: epoch {epoch} was abandoned at batch {i}")
+            batch = next(self.stream)  # type: ignore[arg-type]
+            self.next_key = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
+            yield batch
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
-        loader, self.loader = self.loader, None
+        loader, self.loader, self.stream = self.loader, None, None
         it = getattr(loader, "_iterator", None) if loader is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

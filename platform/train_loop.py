@@ -26,8 +26,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flare.datasets.ingest import (BatchBuilder, Manifest, expand_batch, image_from_uint8, iter_local_rows,
-                                   load_manifest)
+from flare.datasets.ingest import (
+    BatchBuilder,
+    Manifest,
+    expand_batch,
+    image_from_uint8,
+    iter_local_rows,
+    load_manifest,
+)
 from flare.files import atomic_write_bytes, move_dir
 from flare.models.decode import apply_affine, decoders_for
 from flare.models.layouts import Layout

@@ -55,6 +55,19 @@ def test_batches_do_not_depend_on_the_number_of_workers(synth: Manifest) -> None
     assert sum(len(b["image"]) for b in two[0]) == synth.count("train") or synth.count("train") == 0
 
 
+def test_one_stream_across_epochs_and_a_restart_when_an_epoch_is_left(synth: Manifest) -> None:
+    builder = BatchBuilder(synth.layout, SIZE, augment=True, seed=SEED)
+    expected = _epochs(synth, 0, [0, 1, 2, 3])
+    with LocalLoader(synth, "train", BATCH, builder, workers=2, shuffle_base=SEED * 100003) as loader:
+        assert _same(list(loader.epoch(0)), expected[0]) and _same(list(loader.epoch(1)), expected[1])
+        assert loader.restarts == 1  # epoch 1's batches came from the stream epoch 0 started (prefetched)
+        left = loader.epoch(2)
+        next(left)  # epoch 2 left after one batch: epoch 3 must still be epoch 3's batches
+        assert _same(list(loader.epoch(3)), expected[3]) and loader.restarts == 2
+        with pytest.raises(RuntimeError, match="abandoned"):
+            next(left)
+
+
 def test_closed_loader_refuses_new_epochs(synth: Manifest) -> None:
     loader = LocalLoader(synth, "train", BATCH, BatchBuilder(synth.layout, SIZE, augment=False), workers=1)
     assert len(next(loader.epoch(0))["image"]) == BATCH
