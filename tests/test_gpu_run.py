@@ -42,3 +42,10 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     test = train["eval"]
     assert test["count"] == 224 and test["subsets"]["common"]["count"] == 224 and train["eval"]["checkpoint"].startswith("epoch_")
     assert (out / "train_log.txt").exists() and "training tiny" in (out / "gpu_run.log").read_text()
+
+
+def test_train_only_with_throughput_only_is_refused_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--train-only", "--throughput-only",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--train-only runs no throughput rows" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
