@@ -5,6 +5,12 @@ crops (:func:`flare.datasets.records.crop_center_scale`: landmark extent, side =
 the last pass (``combine="last"``) or the mean of all passes (``"mean"``: two crops, two partly independent
 errors).
 
+From a **detector's** box the first pass is a wide look: its crop is :data:`DETECTOR_FIRST_LOOK` times larger,
+so a box that is off the face still holds the whole face, and that pass only places the next crop (it does not
+vote in the mean). A detector box is often off by a tenth of the face (Haar on the 300W validation faces: centre
+error s.d. 9% of the crop horizontally, scale 8%), and from such a crop the model's landmarks follow the crop, so
+plain re-crops keep the error.
+
 :func:`refine_faces` returns the last pass's crops as ``x, y, w, h`` boxes that :meth:`Predictor.predict` (and
 ``predict_with_uncertainty``) turn back into exactly those crops, so any prediction path can run the last pass,
 plus the earlier passes' landmarks for :func:`combine_passes`.
@@ -26,6 +32,11 @@ from flare.platform.predictor import CROP_ENLARGE, as_bgr, boxes_to_crops, whole
 # --faces val, bench/results/boxes_val.txt): the mean of two passes beat one pass and the second pass alone with
 # every box source (Haar, dlib HOG and CNN, ground-truth box); a third pass gained < 0.1 NME points for 1.5x time.
 DEFAULT_PASSES = 2
+# The detector path's first crop is this much larger (with passes >= 2). Chosen on the same validation faces
+# (Haar, 14-epoch reduced RwSA model; bench/results/boxes_wide_val.txt): 1.0, 1.2, 1.3, 1.4, 1.5 -> gap of two
+# passes to the ground-truth box 0.82, 0.31, 0.14, 0.12, 0.19 NME points (second pass); 1.4 with a third pass
+# and the mean of passes 2 and 3: 0.03.
+DETECTOR_FIRST_LOOK = 1.4
 COMBINE = ("last", "mean")
 DEFAULT_COMBINE = "mean"
 MAX_RESCALE = 2.0  # a re-crop more than 2x larger or smaller than the previous one is not taken
@@ -89,16 +100,25 @@ def plausible(new_scales: np.ndarray, scales: np.ndarray, factor: float = MAX_RE
     return np.isfinite(ratio) & (ratio >= 1 / factor) & (ratio <= factor)
 
 
+def first_look(scales: np.ndarray, passes: int) -> np.ndarray:
+    """Scales of a detector's first crops: :data:`DETECTOR_FIRST_LOOK` times larger when more passes follow."""
+    return np.asarray(scales, np.float64) * (DETECTOR_FIRST_LOOK if passes > 1 else 1.0)
+
+
 def refine_faces(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True,
                  detector: str = "haar", passes: int = DEFAULT_PASSES) -> tuple[np.ndarray, list[np.ndarray]]:
     """Boxes (F, 4) for the last of ``passes`` predictions (``predictor.predict(image, boxes=...)`` on them is
-    pass ``passes``) and the landmarks (F, N, 2) of passes 1 .. passes-1, which run here (``passes`` = 1: the
-    first-pass crop, nothing predicted). A face whose re-crop is implausible (:func:`plausible`) keeps its crop."""
+    pass ``passes``) and the landmarks (F, N, 2) of the earlier passes that vote in ``combine="mean"``: passes
+    1 .. passes-1, but not a detector's wide first look (:func:`first_look`). ``passes`` = 1: the first-pass crop,
+    nothing predicted. A face whose re-crop is implausible (:func:`plausible`) keeps its crop."""
     check_options(detector, passes)
     image_bgr = as_bgr(image_bgr)
     centers, scales = first_pass_crops(image_bgr, boxes, detect, detector)
+    wide = boxes is None and detect
+    if wide:
+        scales = first_look(scales, passes)
     centers, scales, history = refine_crops(predictor, image_bgr, centers, scales, passes - 1)
-    return crops_to_boxes(centers, scales), history
+    return crops_to_boxes(centers, scales), history[1:] if wide else history
 
 
 def face_boxes(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True,

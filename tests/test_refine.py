@@ -18,8 +18,11 @@ from flare.datasets.records import crop_center_scale, read_image_bgr
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model
 from flare.platform.config import load_job
+from flare.platform.detectors import detect, detector_crops
 from flare.platform.predictor import Predictor, boxes_to_crops
 from flare.platform.refine import (
+    COMBINE,
+    DETECTOR_FIRST_LOOK,
     crops_to_boxes,
     face_boxes,
     landmark_crops,
@@ -102,6 +105,26 @@ def test_second_pass_predicts_from_the_first_pass_training_crop(face, predictor:
         predict_faces(predictor, image, boxes=gt_box, combine="median")
 
 
+def test_detector_path_looks_wide_first_and_the_wide_look_does_not_vote(face, predictor: Predictor) -> None:
+    """From Haar's box: pass 1 crops DETECTOR_FIRST_LOOK times wider, pass 2 crops from its landmarks, and the
+    result is pass 2 for both combines (3 passes, mean: passes 2 and 3); one pass uses the box's own crop."""
+    _, image = face
+    c, s = detector_crops(detect(image, "haar"), "haar")
+    assert len(c) == 1
+    look = predictor.predict_crops(image, c, s * DETECTOR_FIRST_LOOK)
+    c2, s2, _ = refine_crops(predictor, image, c, s * DETECTOR_FIRST_LOOK, 1, first=look)
+    assert plausible(s2, s * DETECTOR_FIRST_LOOK).all()  # the re-crop is taken, so pass 2 sees a new crop
+    second = predictor.predict_crops(image, c2, s2)
+    for combine in COMBINE:
+        assert np.abs(np.stack(predict_faces(predictor, image, passes=2, combine=combine)) - second).max() < 1e-6
+    third = predictor.predict_crops(image, *landmark_crops(second))
+    three = np.stack(predict_faces(predictor, image, passes=3, combine="mean"))
+    assert np.abs(three - (second + third) / 2).max() < 1e-6
+    one = np.stack(predict_faces(predictor, image, passes=1))
+    assert np.abs(one - predictor.predict_crops(image, c, s)).max() < 1e-6
+    assert np.abs(one - predictor.predict_crops(image, c, s * DETECTOR_FIRST_LOOK)).max() > 1.0
+
+
 def test_predict_files_writes_the_refined_faces(face, predictor: Predictor, tmp_path: Path) -> None:
     """predict_files with passes=2: the JSON holds predict_faces' landmarks and the last pass's covariances."""
     import json
@@ -134,8 +157,8 @@ def test_passes_and_detection_paths(face, predictor: Predictor) -> None:
 
 
 def test_cli_refine_and_detector_options(face, tmp_path: Path) -> None:
-    """``flare predict --refine`` (default) vs ``--no-refine`` on a real image with a saved model; an unknown
-    detector is one line, exit 2, before anything runs."""
+    """``flare predict --refine`` vs ``--no-refine`` vs neither (on for detected faces, off for ``--box``) on a
+    real image with a saved model; an unknown detector is one line, exit 2, before anything runs."""
     import json
 
     from flare.platform.cli import app
@@ -152,16 +175,25 @@ def test_cli_refine_and_detector_options(face, tmp_path: Path) -> None:
     img = Path(rec.image.path)
     runner = CliRunner()
     faces = {}
-    for flag in ("--refine", "--no-refine"):
-        res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / flag),
-                                  "--box", "100,90,180,190", flag])
+    runs = {"--refine": ["--box", "100,90,180,190", "--refine"], "--no-refine": ["--box", "100,90,180,190",
+            "--no-refine"], "box": ["--box", "100,90,180,190"], "detected": [], "detected1": ["--no-refine"],
+            "detected3": ["--passes", "3"]}
+    for name, flags in runs.items():
+        res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / name), *flags])
         assert res.exit_code == 0, res.output
-        faces[flag] = np.asarray(json.loads((tmp_path / flag / f"{img.stem}.json").read_text())["faces"])
+        faces[name] = np.asarray(json.loads((tmp_path / name / f"{img.stem}.json").read_text())["faces"])
     loaded = Predictor.from_dir(d, device="cpu")
     image = read_image_bgr(img)
     box = np.array([[100.0, 90.0, 180.0, 190.0]])
     assert np.abs(faces["--refine"] - predict_faces(loaded, image, boxes=box, passes=2)[0]).max() < 1e-3
     assert np.abs(faces["--no-refine"] - predict_faces(loaded, image, boxes=box, passes=1)[0]).max() < 1e-3
+    assert np.array_equal(faces["box"], faces["--no-refine"])  # an explicit box stays as given by default
+    assert np.abs(faces["detected"] - np.stack(predict_faces(loaded, image, passes=2))).max() < 1e-3
+    assert np.abs(faces["detected1"] - np.stack(predict_faces(loaded, image, passes=1))).max() < 1e-3
+    assert np.abs(faces["detected"] - faces["detected1"]).max() > 1.0  # detected faces are refined by default
+    assert np.abs(faces["detected3"] - np.stack(predict_faces(loaded, image, passes=3))).max() < 1e-3
+    res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / "p0"), "--passes", "0"])
+    assert res.exit_code == 2 and "passes must be at least 1, got 0" in res.output and not (tmp_path / "p0").exists()
     res = runner.invoke(app, ["predict", str(img), "--model", str(d), "--out", str(tmp_path / "bad"),
                               "--detector", "bogus"])
     assert res.exit_code == 2 and "unknown detector 'bogus'; known: haar, dlib, dlib_cnn" in res.output
