@@ -60,7 +60,8 @@ def heatmap_matrix(n_px: int, n_hm: int) -> np.ndarray:
 @dataclass(frozen=True)
 class AugmentConfig:
     """STAR training recipe (8.2, [SP][SC]); ``off()`` is the test-time crop. Probabilities per sample;
-    sigmas of unclipped normals. ``shift_sigma_px`` is in crop px (0.05 * 255 at S = 256).
+    sigmas of unclipped normals. ``shift_sigma_px`` is in crop px (0.05 * 255 at S = 256), at every size: the
+    reduced 128 px models train with a 10% shift (RESULTS.md, face boxes), the tiny 64 px one with 20%.
     ``flip_offset_parity`` reproduces [SC]'s COFW mirror x' = W_img - x for the landmarks (the image
     itself is always mirrored about (W_img - 1)/2); ``gray_parity`` applies RGB weights to BGR (8.4)."""
 
