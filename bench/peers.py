@@ -90,8 +90,9 @@ def flare_own(predictor: Predictor, image: np.ndarray, gt: np.ndarray, detector:
     p1, t1 = timed(lambda: predictor.predict_crops(image, c, s))
 
     def two() -> np.ndarray:
-        look = predictor.predict_crops(image, c, first_look(s, 2))
-        return predictor.predict_crops(image, *refine_crops(predictor, image, c, first_look(s, 2), 1, first=look)[:2])
+        wide = first_look(s, 2)
+        c2, s2, _ = refine_crops(predictor, image, c, wide, 1, first=predictor.predict_crops(image, c, wide))
+        return predictor.predict_crops(image, c2, s2)
 
     p2, t2 = timed(two)
     return {"1": (p1[0], t_det + t1), "2": (p2[0], t_det + t2)}

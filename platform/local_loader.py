@@ -138,9 +138,11 @@ class LocalLoader:
     def _take(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.dataset)
         for i in range(n):
+            if self.stream is None:
+                raise RuntimeError("LocalLoader is closed")
             if self.next_key != (epoch, i):  # another epoch() call moved the stream meanwhile
                 raise RuntimeError(f"LocalLoader: epoch {epoch} was abandoned at batch {i}")
-            batch = next(self.stream)  # type: ignore[arg-type]
+            batch = next(self.stream)
             self.next_key = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
             yield batch
 

@@ -70,11 +70,14 @@ def test_one_stream_across_epochs_and_a_restart_when_an_epoch_is_left(synth: Man
 
 def test_closed_loader_refuses_new_epochs(synth: Manifest) -> None:
     loader = LocalLoader(synth, "train", BATCH, BatchBuilder(synth.layout, SIZE, augment=False), workers=1)
-    assert len(next(loader.epoch(0))["image"]) == BATCH
+    running = loader.epoch(0)
+    assert len(next(running)["image"]) == BATCH
     loader.close()
     loader.close()
     with pytest.raises(RuntimeError, match="closed"):
         loader.epoch(1)
+    with pytest.raises(RuntimeError, match="closed"):  # an epoch being read when the loader closed
+        next(running)
 
 
 def test_local_training_with_workers_reports_data_wait(synth: Manifest, tmp_path: Path) -> None:
