@@ -59,8 +59,8 @@ from flare.platform.refine import (
     DEFAULT_COMBINE,
     DETECTOR_FIRST_LOOK,
     combine_passes,
-    first_look,
     refine_crops,
+    refine_detected,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +89,7 @@ def flare_own(predictor: Predictor, image: np.ndarray, gt: np.ndarray, detector:
     c, s = detector_crops(boxes[[k]], detector)
     p1, t1 = timed(lambda: predictor.predict_crops(image, c, s))
 
-    def two() -> np.ndarray:
-        wide = first_look(s, 2)
-        c2, s2, _ = refine_crops(predictor, image, c, wide, 1, first=predictor.predict_crops(image, c, wide))
-        return predictor.predict_crops(image, c2, s2)
-
-    p2, t2 = timed(two)
+    p2, t2 = timed(lambda: predictor.predict_crops(image, *refine_detected(predictor, image, c, s, 2)[:2]))
     return {"1": (p1[0], t_det + t1), "2": (p2[0], t_det + t2)}
 
 

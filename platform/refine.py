@@ -105,6 +105,15 @@ def first_look(scales: np.ndarray, passes: int) -> np.ndarray:
     return np.asarray(scales, np.float64) * (DETECTOR_FIRST_LOOK if passes > 1 else 1.0)
 
 
+def refine_detected(predictor: Any, image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray, passes: int
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The detector path of :func:`refine_crops`: from a detector's crops, the wide first look
+    (:func:`first_look`) and ``passes`` - 1 re-crops; the crops of the last pass and the landmarks of the
+    passes that vote (all earlier ones but the wide look)."""
+    centers, scales, history = refine_crops(predictor, image_bgr, centers, first_look(scales, passes), passes - 1)
+    return centers, scales, history[1:]
+
+
 def refine_faces(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True,
                  detector: str = "haar", passes: int = DEFAULT_PASSES) -> tuple[np.ndarray, list[np.ndarray]]:
     """Boxes (F, 4) for the last of ``passes`` predictions (``predictor.predict(image, boxes=...)`` on them is
@@ -114,11 +123,11 @@ def refine_faces(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None
     check_options(detector, passes)
     image_bgr = as_bgr(image_bgr)
     centers, scales = first_pass_crops(image_bgr, boxes, detect, detector)
-    wide = boxes is None and detect
-    if wide:
-        scales = first_look(scales, passes)
-    centers, scales, history = refine_crops(predictor, image_bgr, centers, scales, passes - 1)
-    return crops_to_boxes(centers, scales), history[1:] if wide else history
+    if boxes is None and detect:
+        centers, scales, history = refine_detected(predictor, image_bgr, centers, scales, passes)
+    else:  # given boxes or the whole image: no wide look
+        centers, scales, history = refine_crops(predictor, image_bgr, centers, scales, passes - 1)
+    return crops_to_boxes(centers, scales), history
 
 
 def face_boxes(predictor: Any, image_bgr: np.ndarray, boxes: np.ndarray | None = None, detect: bool = True,

@@ -29,6 +29,7 @@ from flare.platform.refine import (
     plausible,
     predict_faces,
     refine_crops,
+    refine_detected,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,8 @@ def test_detector_path_looks_wide_first_and_the_wide_look_does_not_vote(face, pr
     c2, s2, _ = refine_crops(predictor, image, c, s * DETECTOR_FIRST_LOOK, 1, first=look)
     assert plausible(s2, s * DETECTOR_FIRST_LOOK).all()  # the re-crop is taken, so pass 2 sees a new crop
     second = predictor.predict_crops(image, c2, s2)
+    c_last, s_last, voting = refine_detected(predictor, image, c, s, 2)
+    assert np.array_equal(c_last, c2) and np.array_equal(s_last, s2) and voting == []  # the wide look never votes
     for combine in COMBINE:
         assert np.abs(np.stack(predict_faces(predictor, image, passes=2, combine=combine)) - second).max() < 1e-6
     third = predictor.predict_crops(image, *landmark_crops(second))
