@@ -13,11 +13,15 @@ Each detector row is scored on the faces that detector found, next to the ground
 faces: the gap is what the box costs. The target of the two-pass refinement is a gap of at most 0.15 NME
 points. ``refused`` counts re-crops that :func:`flare.platform.refine.plausible` turned down.
 
+Re-crops use the model's crop prior (datasets/crop_prior.py; ``--crop-prior MANIFEST`` fits one from a prepared
+manifest's train split for a model saved without it); with a prior, the ``wide, extent`` rows re-crop with the
+landmark-extent rule instead, side by side.
+
 ``--faces val`` scores the validation faces instead (the training-folder faces the prepared ``--manifest`` put in
 its val split, held out from training): what any choice about refinement is made on.
 
 Usage: ``python bench/boxes.py [--model DIR] [--data DIR/300W] [--faces common|val] [--manifest FILE]
-[--detectors haar,dlib,dlib_cnn] [--passes 3] [--limit N] [--out FILE]``.
+[--detectors haar,dlib,dlib_cnn] [--passes 3] [--crop-prior MANIFEST] [--limit N] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import cv2
 import numpy as np
 import torch
 
+from flare.datasets.crop_prior import manifest_crop_prior
+from flare.datasets.ingest import load_manifest
 from flare.datasets.read_300w import read_300w
 from flare.datasets.records import crop_center_scale, read_image_bgr
 from flare.models.layouts import get_layout
@@ -73,15 +79,15 @@ def passes(predictor: Predictor, image: np.ndarray, c: np.ndarray, s: np.ndarray
     return out, refused
 
 
-def methods(n: int, wide: bool = False) -> list[tuple[str, Callable[[list], np.ndarray]]]:
+def methods(n: int, wide: str = "") -> list[tuple[str, Callable[[list], np.ndarray]]]:
     """(label, landmarks from the per-pass list) for 1 pass and, for k = 2..n passes, the last and the mean;
-    ``wide``: passes after a wide first look, which does not vote (k = 2..n only)."""
+    ``wide``: the label of passes after a wide first look, which does not vote (k = 2..n only)."""
     if wide:
         out: list[tuple[str, Callable[[list], np.ndarray]]] = []
         for k in range(2, n + 1):
-            out.append((f"wide, {k}, last", lambda p, k=k: p[k - 1]))
+            out.append((f"{wide}, {k}, last", lambda p, k=k: p[k - 1]))
             if k > 2:
-                out.append((f"wide, {k}, mean", lambda p, k=k: np.mean(p[1:k], axis=0)))
+                out.append((f"{wide}, {k}, mean", lambda p, k=k: np.mean(p[1:k], axis=0)))
         return out
     out = [("1 pass", lambda p: p[0])]
     for k in range(2, n + 1):
@@ -114,6 +120,8 @@ def main() -> int:
                         help="the prepared 300W manifest whose val split --faces val uses")
     parser.add_argument("--detectors", default="haar,dlib", help="comma list of haar, dlib, dlib_cnn")
     parser.add_argument("--passes", type=int, default=3, help="most passes from a detector box")
+    parser.add_argument("--crop-prior", type=Path, metavar="MANIFEST",
+                        help="fit the re-crop prior from this prepared manifest's train split (a model without one)")
     parser.add_argument("--limit", type=int, help="first N faces (quick runs)")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
@@ -130,10 +138,16 @@ def main() -> int:
         except MissingExtraError as err:
             skipped.append(f"  {name}: skipped ({err})")
     predictor = Predictor.from_dir(args.model, device="cpu")
+    prior_note = "the model's crop prior" if predictor.crop_prior is not None else "the landmark-extent rule"
+    if args.crop_prior and predictor.crop_prior is None:
+        predictor.crop_prior = manifest_crop_prior(load_manifest(args.crop_prior), "train")
+        prior_note = f"a crop prior fitted on {args.crop_prior}'s train split"
+    prior = predictor.crop_prior
     records = faces(args.data, args.faces, args.manifest)[: args.limit]
     gt_pred: list[list[np.ndarray]] = []
     det: dict[str, dict[int, list[np.ndarray]]] = {d: {} for d in detectors}
     wide: dict[str, dict[int, list[np.ndarray]]] = {d: {} for d in detectors}
+    extent: dict[str, dict[int, list[np.ndarray]]] = {d: {} for d in detectors}
     refused = dict.fromkeys(detectors, 0)
     for i, rec in enumerate(records):
         image = read_image_bgr(rec.image.path)
@@ -147,6 +161,10 @@ def main() -> int:
                 det[d][i], r = passes(predictor, image, c, s, args.passes)
                 wide[d][i], r_wide = passes(predictor, image, c, first_look(s, args.passes), args.passes)
                 refused[d] += r + r_wide
+                if prior is not None:  # the same wide path re-cropping with the extent rule
+                    predictor.crop_prior = None
+                    extent[d][i] = passes(predictor, image, c, first_look(s, args.passes), args.passes)[0]
+                    predictor.crop_prior = prior
         if (i + 1) % 100 == 0:
             print(f"  {i + 1}/{len(records)} faces", file=sys.stderr, flush=True)
     layout = get_layout("300w68")
@@ -161,8 +179,8 @@ def main() -> int:
                 if job else ""),
              ("  gap = NME - NME from the ground-truth box (1 pass) on the same faces; default: "
              f"{DEFAULT_PASSES} passes, {DEFAULT_COMBINE} (a detector's: wide, {DEFAULT_PASSES}, the first crop "
-             f"{DETECTOR_FIRST_LOOK}x larger and not voting)"),
-             f"  {'box':<8} {'faces':>5} {'misses':>6}  {'method':<16} {'NME %':>6} {'GT box':>7} {'gap':>6}"]
+             f"{DETECTOR_FIRST_LOOK}x larger and not voting); re-crops: {prior_note}"),
+             f"  {'box':<8} {'faces':>5} {'misses':>6}  {'method':<22} {'NME %':>6} {'GT box':>7} {'gap':>6}"]
     for d in ["gt", *detectors]:
         idx = list(range(len(records))) if d == "gt" else sorted(det[d])
         preds = gt_pred if d == "gt" else det[d]
@@ -172,11 +190,13 @@ def main() -> int:
         gt_same = nme([gt_pred[i][0] for i in idx], idx)
         rows = [(label, pick, preds) for label, pick in methods(args.passes)]
         if d != "gt":
-            rows += [(label, pick, wide[d]) for label, pick in methods(args.passes, wide=True)]
+            rows += [(label, pick, wide[d]) for label, pick in methods(args.passes, wide="wide")]
+            if prior is not None:
+                rows += [(label, pick, extent[d]) for label, pick in methods(args.passes, wide="wide, extent")]
         for j, (label, pick, source) in enumerate(rows):
             head = f"  {d:<8} {len(idx):>5} {len(records) - len(idx) if d != 'gt' else '-':>6}" if j == 0 else " " * 23
             v = nme([pick(source[i]) for i in idx], idx)
-            lines.append(f"{head}  {label:<16} {v:6.2f} {gt_same:7.2f} {v - gt_same:+6.2f}")
+            lines.append(f"{head}  {label:<22} {v:6.2f} {gt_same:7.2f} {v - gt_same:+6.2f}")
         if d != "gt":
             lines.append(f"{'':23}  re-crops refused as implausible: {refused[d]}")
     lines += skipped

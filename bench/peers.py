@@ -42,6 +42,8 @@ import cv2
 import numpy as np
 import torch
 
+from flare.datasets.crop_prior import manifest_crop_prior
+from flare.datasets.ingest import load_manifest
 from flare.datasets.read_300w import read_300w
 from flare.datasets.records import crop_center_scale
 from flare.models.layouts import get_layout
@@ -200,6 +202,8 @@ def main() -> int:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a flare model or checkpoint directory")
     parser.add_argument("--data", type=Path, default=Path(root) / "300W" if root else None,
                         help="the raw 300W folder (default $FLARE_TEST_DATA/300W)")
+    parser.add_argument("--crop-prior", type=Path, metavar="MANIFEST",
+                        help="fit the re-crop prior from this prepared manifest's train split (a model without one)")
     parser.add_argument("--limit", type=int, help="first N faces (quick runs)")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
@@ -218,6 +222,10 @@ def main() -> int:
     if not Path(args.model).is_dir():
         parser.error(f"--model {args.model}: not a directory (a flare model or checkpoint directory)")
     predictor = Predictor.from_dir(Path(args.model), device="cpu")
+    recrop = "the model's crop prior" if predictor.crop_prior is not None else "the landmark-extent rule"
+    if args.crop_prior and predictor.crop_prior is None:
+        predictor.crop_prior = manifest_crop_prior(load_manifest(args.crop_prior), "train")
+        recrop = f"a crop prior fitted on {args.crop_prior}'s train split"
     records = [r for r in read_300w(args.data, "test").records if "common" in r.subsets][: args.limit]
     job = predictor.job
     what = (f"{job.name}: {predictor.input_size} px, {job.model.stacks} stacks, {job.model.channels} ch, "
@@ -228,7 +236,7 @@ def main() -> int:
              f"  flare model {args.model} ({what}); torch {torch.__version__}",
              f"  dlib {dlib.__version__}: HOG detector (upsample {UPSAMPLE['dlib']}), {SHAPE_MODEL}",
              "  NME: inter-ocular (36/45), original px, flare's metric for both; misses: no matching box",
-             (f"  flare 2 passes: re-crop from the first landmarks with the training rule, result = {DEFAULT_COMBINE} "
+             (f"  flare 2 passes: re-crop from the first landmarks ({recrop}), result = {DEFAULT_COMBINE} "
               f"of the passes; from a detector's box the first crop is {DETECTOR_FIRST_LOOK}x larger and the result "
               "is the second pass (platform/refine.py)")]
     print("\n".join(lines), flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ class LandmarkGraph(nn.Module):
 
 
 def onnx_metadata(predictor: Any, decoder: str) -> dict[str, str]:
-    """The ``metadata_props`` written into the exported model (all strings)."""
+    """The ``metadata_props`` written into the exported model (all strings); ``flare.crop_prior`` (JSON) when
+    the model has one: the re-crop map of two-pass prediction (platform/refine.py)."""
+    prior = getattr(predictor, "crop_prior", None)
     return {
         "flare.format_version": FORMAT_VERSION,
         "flare.layout": predictor.layout.name,
@@ -82,6 +85,7 @@ def onnx_metadata(predictor: Any, decoder: str) -> dict[str, str]:
         "flare.crop_rule": CROP_RULE,
         "flare.output": OUTPUT_CONVENTION,
         "flare.info": ", ".join(f"{k}={v}" for k, v in sorted(predictor.info.items())),
+        **({"flare.crop_prior": json.dumps(prior.to_json())} if prior is not None else {}),
     }
 
 

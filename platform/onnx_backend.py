@@ -1,13 +1,14 @@
 """Run an exported flare ONNX model (:mod:`flare.platform.export`) on onnxruntime.
 
 :class:`OnnxLandmarks` has the parts of :class:`~flare.platform.predictor.Predictor` that prediction uses
-(``layout``, ``input_size``, ``decoder``, ``predict_batch``, ``predict_crops``, ``predict``), so
+(``layout``, ``input_size``, ``decoder``, ``crop_prior``, ``predict_batch``, ``predict_crops``, ``predict``), so
 ``flare predict --backend onnx`` and :func:`~flare.platform.predict_files.predict_files` take it as is. The
 decoder is the one baked into the graph; only crops, face detection and back-mapping run in Python.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flare.datasets.crop_prior import CropPrior
 from flare.models.decode import apply_affine
 from flare.models.layouts import Layout, get_layout
 from flare.platform.predictor import ModelLoadError, Predictor
@@ -52,6 +54,7 @@ class OnnxLandmarks:
         self.layout: Layout = get_layout(self.metadata["flare.layout"])
         self.input_size = int(self.metadata["flare.input_size"])
         self.decoder = self.metadata["flare.decoder"]
+        self.crop_prior = _crop_prior(self.metadata.get("flare.crop_prior"), self.layout, _name(path))
         self.input_name = self.session.get_inputs()[0].name
 
     def predict_batch(self, images: torch.Tensor | np.ndarray, to_original: np.ndarray | torch.Tensor | None = None,
@@ -72,6 +75,19 @@ class OnnxLandmarks:
             return p
         m = to_original.detach().cpu().double().numpy() if isinstance(to_original, torch.Tensor) else to_original
         return np.asarray(apply_affine(p, m), np.float64)
+
+
+def _crop_prior(text: str | None, layout: Layout, name: str) -> CropPrior | None:
+    """The ``flare.crop_prior`` metadata (JSON) as a :class:`CropPrior`; ModelLoadError naming the file and key
+    for a malformed one, None when the model was exported without one."""
+    if text is None:
+        return None
+    try:
+        return CropPrior.from_json(json.loads(text), layout.num_points, f"{name} (flare.crop_prior)")
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{name}: flare.crop_prior is not JSON ({err.msg})") from None
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def _name(path: Path | str | bytes) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flare.datasets.augment import crop_matrix, to_tensor_image
+from flare.datasets.crop_prior import CropPrior
 from flare.losses.uncertainty import covariance_to_original, distribution_for, heatmap_uncertainty
 from flare.models.decode import apply_affine, check_decoder, decode_heatmaps, label_to_crop
 from flare.models.hourglass import StackedHourglass
@@ -52,7 +53,9 @@ class Predictor:
     map back to the image (method.md 1.4, 5.9) in one place, for prediction, evaluation and validation.
 
     ``temperature`` is the argmax refinement's (RwSA's epsilon); ``job`` is the spec the model was trained
-    with, when known (model cards, figures), and is never read to predict."""
+    with, when known (model cards, figures), and is never read to predict. ``crop_prior``: the training split's
+    shape -> crop map (datasets/crop_prior.py) that re-crops from predicted landmarks (platform/refine.py); None
+    for models saved before it existed (the extent rule is used)."""
 
     model: StackedHourglass
     layout: Layout
@@ -62,6 +65,7 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     info: dict[str, Any] = field(default_factory=dict)
     job: JobConfig | None = None
+    crop_prior: CropPrior | None = None
 
     def __post_init__(self) -> None:
         check_decoder(self.decoder)
@@ -70,10 +74,11 @@ class Predictor:
 
     @classmethod
     def from_job(cls, model: StackedHourglass, job: JobConfig, layout: Layout, decoder: str,
-                 info: dict[str, Any] | None = None, device: torch.device | None = None) -> Predictor:
+                 info: dict[str, Any] | None = None, device: torch.device | None = None,
+                 crop_prior: CropPrior | None = None) -> Predictor:
         """A predictor for ``model`` trained with ``job`` (crop size and RwSA's epsilon from the spec)."""
         return cls(model, layout, job.data.input_size, decoder, job.objective.rwsa.epsilon,
-                   device or next(model.parameters()).device, dict(info or {}), job)
+                   device or next(model.parameters()).device, dict(info or {}), job, crop_prior)
 
     @classmethod
     def from_files(cls, state_path: Path, job_path: Path, device: str | None = None) -> Predictor:
@@ -81,6 +86,11 @@ class Predictor:
         meta = json.loads(Path(job_path).read_text())
         job = parse_job(meta["job"], source=str(job_path))
         layout = get_layout(meta["layout"])
+        prior = meta.get("crop_prior")
+        try:
+            crop_prior = None if prior is None else CropPrior.from_json(prior, layout.num_points, str(job_path))
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
         state = load_weights(state_path)
         info = dict(meta.get("info", {}))
         if "model" in state and isinstance(state["model"], dict):  # a training checkpoint
@@ -95,7 +105,7 @@ class Predictor:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(dev).eval()
         decoder = info.get("decoder") or ("argmax_refine" if job.objective.name == "rwsa" else "softargmax")
-        return cls.from_job(model, job, layout, decoder, info, dev)
+        return cls.from_job(model, job, layout, decoder, info, dev, crop_prior)
 
     @classmethod
     def from_dir(cls, directory: Path, device: str | None = None) -> Predictor:

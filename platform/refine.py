@@ -1,9 +1,12 @@
 """Two-pass prediction (method.md 8.1): the first pass crops the face from a detector (or given) box; every
-further pass re-crops from the previous pass's landmarks with the rule the data preparation uses for training
-crops (:func:`flare.datasets.records.crop_center_scale`: landmark extent, side = min(w, h), scale =
-1.05 side / 200), so the model sees a crop with its training statistics instead of a detector's. The result is
-the last pass (``combine="last"``) or the mean of all passes (``"mean"``: two crops, two partly independent
-errors).
+further pass re-crops from the previous pass's landmarks to the crop training used for such a face, so the model
+sees a crop with its training statistics instead of a detector's. The result is the last pass
+(``combine="last"``) or the mean of all passes (``"mean"``: two crops, two partly independent errors).
+
+The re-crop (:func:`recrop`) is the model's :class:`~flare.datasets.crop_prior.CropPrior` when it has one (fitted
+on its training split's shapes and crops: the crop estimated from all points), else the data preparation's rule
+on the landmarks themselves (:func:`flare.datasets.records.crop_center_scale`: landmark extent, side = min(w, h),
+scale = 1.05 side / 200), which rests on the few extreme points, the noisiest predicted ones.
 
 From a **detector's** box the first pass is a wide look: its crop is :data:`DETECTOR_FIRST_LOOK` times larger,
 so a box that is off the face still holds the whole face, and that pass only places the next crop (it does not
@@ -33,9 +36,10 @@ from flare.platform.predictor import CROP_ENLARGE, as_bgr, boxes_to_crops, whole
 # every box source (Haar, dlib HOG and CNN, ground-truth box); a third pass gained < 0.1 NME points for 1.5x time.
 DEFAULT_PASSES = 2
 # The detector path's first crop is this much larger (with passes >= 2). Chosen on the same validation faces
-# (Haar, 14-epoch reduced RwSA model; bench/results/boxes_wide_val.txt): 1.0, 1.2, 1.3, 1.4, 1.5 -> gap of two
-# passes to the ground-truth box 0.82, 0.31, 0.14, 0.12, 0.19 NME points (second pass); 1.4 with a third pass
-# and the mean of passes 2 and 3: 0.03.
+# (Haar, 14-epoch reduced RwSA model, extent-rule re-crops; bench/results/boxes_wide_val.txt): 1.0, 1.2, 1.3,
+# 1.4, 1.5 -> gap of two passes to the ground-truth box 0.82, 0.31, 0.14, 0.12, 0.19 NME points (second pass).
+# With the crop prior's re-crops the gap is 0.005 (bench/results/boxes_prior_val.txt); a third pass (mean of
+# passes 2 and 3) gains 0.08 more, under the 0.1 that would make it the default.
 DETECTOR_FIRST_LOOK = 1.4
 COMBINE = ("last", "mean")
 DEFAULT_COMBINE = "mean"
@@ -53,6 +57,13 @@ def landmark_crops(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                             landmarks=p, box=landmark_box(p))
         centers[i], scales[i] = crop_center_scale(record)
     return centers, scales
+
+
+def recrop(predictor: Any, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop centres (F, 2) and scales (F,) for the next pass from landmarks (F, N, 2): the predictor's
+    ``crop_prior`` when it has one, else :func:`landmark_crops` (module docstring)."""
+    prior = getattr(predictor, "crop_prior", None)
+    return prior.crops(landmarks) if prior is not None else landmark_crops(landmarks)
 
 
 def crops_to_boxes(centers: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -76,7 +87,7 @@ def first_pass_crops(image_bgr: np.ndarray, boxes: np.ndarray | None, detect: bo
 def refine_crops(predictor: Any, image_bgr: np.ndarray, centers: np.ndarray, scales: np.ndarray,
                  recrops: int = 1, first: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Crops after ``recrops`` rounds of predict -> training crop of the landmarks (method.md 8.1), and the
+    """Crops after ``recrops`` rounds of predict -> :func:`recrop` of the landmarks (method.md 8.1), and the
     ``recrops`` landmark sets (F, N, 2) predicted on the way; ``first``: the landmarks already predicted on the
     given crops. A face whose re-crop is implausible (:func:`plausible`) keeps its previous crop."""
     centers = np.array(centers, np.float64).reshape(-1, 2)
@@ -87,7 +98,7 @@ def refine_crops(predictor: Any, image_bgr: np.ndarray, centers: np.ndarray, sca
             break
         pts = first if i == 0 and first is not None else predictor.predict_crops(image_bgr, centers, scales)
         history.append(np.asarray(pts, np.float64))
-        new_centers, new_scales = landmark_crops(pts)
+        new_centers, new_scales = recrop(predictor, pts)
         keep = plausible(new_scales, scales)
         centers[keep], scales[keep] = new_centers[keep], new_scales[keep]
     return centers, scales, history

@@ -96,7 +96,8 @@ def model_card(uri: str, predictor: Any) -> str:
         f"- training data: {job.data.manifest}",
         "", "```python", "import flare, cv2",
         f"p = flare.Predictor.load('{uri}')",
-        "landmarks = p.predict(cv2.imread('face.jpg'))  # list of (N, 2) arrays, original pixels",
+        "faces = flare.predict_faces(p, cv2.imread('face.jpg'))  # list of (N, 2) arrays, original pixels",
+        "# (what `flare predict` runs: detector, wide first look, re-crop; p.predict(image) is one pass)",
         "```", "",
     ])
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from flare.datasets.crop_prior import manifest_crop_prior
 from flare.datasets.ingest import (
     BatchBuilder,
     Manifest,
@@ -215,6 +216,10 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     job = parse_job(job_dict)
     manifest = load_manifest(job.data.manifest)
     layout = manifest.layout
+    meta = {"job": job.model_dump(mode="json"), "layout": layout.name}
+    if session.rank == 0:  # the re-crop map every checkpoint carries (platform/refine.py)
+        prior = manifest_crop_prior(manifest, job.data.train_split)
+        meta.update({"crop_prior": prior.to_json()} if prior is not None else {})
     torch.manual_seed(job.seed)
     device = session.device
     use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
@@ -274,7 +279,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                      "val_nme": metrics[VAL_METRIC], "weights": metrics["val_weights"],
                      "decoder": metrics["val_decoder"], "planned_epochs": plan.epochs}
             ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
-            save_checkpoint(ckpt_dir, state, {"job": job.model_dump(mode="json"), "layout": layout.name})
+            save_checkpoint(ckpt_dir, state, meta)
         # wall clock: MLflow's per-epoch timestamps, also for runs imported later (flare runs import)
         metrics["ended_at"] = time.time()
         metrics["epoch_time_s"] = metrics["ended_at"] - wall0

@@ -16,13 +16,14 @@ import torch
 from typer.testing import CliRunner
 
 from flare.datasets.augment import crop_matrix, to_tensor_image
+from flare.datasets.crop_prior import fit_crop_prior
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model
 from flare.platform.cli import app
 from flare.platform.config import load_job
 from flare.platform.export import LandmarkGraph, export_onnx
 from flare.platform.onnx_backend import OnnxLandmarks
-from flare.platform.predictor import Predictor
+from flare.platform.predictor import ModelLoadError, Predictor
 
 pytest.importorskip("onnxruntime", reason="install the onnx extra: pip install 'flare-landmarks[onnx]'")
 
@@ -250,3 +251,27 @@ def test_eval_on_onnxruntime_matches_torch(tmp_path: Path, synthetic_data: Path)
                               "--decoder", "argmax"])
     lines = [ln for ln in bad.output.splitlines() if ln.strip()]
     assert bad.exit_code == 2 and len(lines) == 1 and "decodes with softargmax" in lines[0], bad.output
+
+
+def test_onnx_model_carries_the_crop_prior(tmp_path: Path) -> None:
+    """The re-crop prior travels in the ONNX metadata (two-pass prediction on onnxruntime re-crops as torch
+    does); a model exported without one has none; a malformed one is refused in one line naming file and key."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    shapes = rng.normal(size=(1, 68, 2)) * 30 * rng.uniform(0.8, 1.2, (30, 1, 1)) + rng.normal(0, 2, (30, 68, 2))
+    predictor = _predictor("argmax")
+    predictor.crop_prior = fit_crop_prior(shapes, shapes.mean(axis=1), shapes.std(axis=(1, 2)) * 4)
+    path = export_onnx(predictor, tmp_path / "prior.onnx")
+    loaded = OnnxLandmarks(path, threads=1).crop_prior
+    assert loaded is not None and loaded.faces == 30
+    for got, want in zip(loaded.crops(shapes[:3] + 50), predictor.crop_prior.crops(shapes[:3] + 50), strict=True):
+        assert np.array_equal(got, want)
+    assert OnnxLandmarks(export_onnx(_predictor("argmax"), tmp_path / "plain.onnx")).crop_prior is None
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "flare.crop_prior":
+            prop.value = prop.value[:-5]
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ModelLoadError, match=r"^\S+bad\.onnx: flare\.crop_prior is not JSON \("):
+        OnnxLandmarks(tmp_path / "bad.onnx")

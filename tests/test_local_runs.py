@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flare.datasets.crop_prior import manifest_crop_prior
+from flare.datasets.ingest import load_manifest
 from flare.platform.config import load_job
 from flare.platform.local_runs import import_local_run
+from flare.platform.predictor import ModelLoadError, Predictor
 from flare.platform.train_loop import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +111,25 @@ def test_no_ray_resume_takes_only_last(local_run: Path, small_300w: Path) -> Non
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --resume 0123abcd: with --no-ray, use --resume last (the run dir's last checkpoint)")
+
+
+def test_checkpoints_carry_the_train_split_crop_prior(local_run: Path, small_300w: Path, tmp_path: Path) -> None:
+    """Every checkpoint's job.json holds the crop prior of the run's train split (never val or test), which
+    Predictor reads back for its re-crops; a malformed one is refused in one line naming the file."""
+    manifest = load_manifest(small_300w)
+    checkpoints = sorted(local_run.rglob("job.json"))
+    assert checkpoints
+    for path in checkpoints:
+        assert json.loads(path.read_text())["crop_prior"]["faces"] == manifest.count("train")
+    predictor = Predictor.from_dir(checkpoints[-1].parent, device="cpu")
+    expected = manifest_crop_prior(manifest, "train")
+    shape = expected.mean.reshape(1, 68, 2) * 50 + 100  # the mean training shape, 50 px radius
+    for got, want in zip(predictor.crop_prior.crops(shape), expected.crops(shape), strict=True):
+        assert np.allclose(got, want, rtol=1e-12, atol=1e-9)
+    broken = tmp_path / "model"
+    shutil.copytree(checkpoints[-1].parent, broken)
+    meta = json.loads((broken / "job.json").read_text())
+    meta["crop_prior"]["weights"] = meta["crop_prior"]["weights"][:2]
+    (broken / "job.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"^\S+/model/job\.json: crop_prior does not fit 68 finite points$"):
+        Predictor.from_dir(broken, device="cpu")

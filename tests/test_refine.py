@@ -3,6 +3,7 @@ training/evaluation pipeline makes from those landmarks, and ``passes`` composes
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from flare.datasets.augment import crop_matrix
+from flare.datasets.crop_prior import fit_crop_prior
 from flare.datasets.ingest import BatchBuilder
 from flare.datasets.prepare import PrepareOptions, process_record
 from flare.datasets.read_300w import read_300w
@@ -201,3 +203,35 @@ def test_cli_refine_and_detector_options(face, tmp_path: Path) -> None:
                               "--detector", "bogus"])
     assert res.exit_code == 2 and "unknown detector 'bogus'; known: haar, dlib, dlib_cnn" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_recrops_use_the_models_crop_prior(face, predictor: Predictor) -> None:
+    """A predictor with a crop prior re-crops with it (datasets/crop_prior.py), on every path; without one, the
+    extent rule (the tests above)."""
+    rec, image = face
+    rng = np.random.default_rng(0)
+    shapes = rec.landmarks[None] * rng.uniform(0.7, 1.3, (60, 1, 1)) + rng.normal(0, 4.0, (60, 68, 2))
+    centers, scales = landmark_crops(shapes)
+    with_prior = dataclasses.replace(predictor, crop_prior=fit_crop_prior(shapes, centers, 200 * scales))
+    gt_box = np.array([[100.0, 90.0, 180.0, 190.0]])
+    c1, s1 = boxes_to_crops(gt_box, haar=False)
+    first = with_prior.predict_crops(image, c1, s1)
+    c, s, _ = refine_crops(with_prior, image, c1, s1, recrops=1)
+    c_prior, s_prior = with_prior.crop_prior.crops(first)
+    assert np.array_equal(c, c_prior) and np.array_equal(s, s_prior)
+    c_extent, s_extent = landmark_crops(first)
+    assert np.abs(c - c_extent).max() + abs(s[0] - s_extent[0]) * 200 > 0.5  # the prior's crop is another crop
+    second = with_prior.predict_crops(image, c_prior, s_prior)
+    got = predict_faces(with_prior, image, boxes=gt_box, passes=2, combine="last")[0]
+    assert np.abs(got - second[0]).max() < 1e-6
+    c_det, s_det = detector_crops(detect(image, "haar"), "haar")
+    look = with_prior.predict_crops(image, c_det, s_det * DETECTOR_FIRST_LOOK)
+    c_last, s_last, _ = refine_detected(with_prior, image, c_det, s_det, 2)
+    want_c, want_s = with_prior.crop_prior.crops(look)
+    assert np.array_equal(c_last, want_c) and np.array_equal(s_last, want_s)
+
+
+def test_the_refined_path_is_public_api() -> None:
+    import flare
+
+    assert flare.predict_faces is predict_faces and "predict_faces" in flare.__all__

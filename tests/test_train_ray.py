@@ -74,6 +74,11 @@ def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, s
                        text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (pulled / "MODEL_CARD.md").read_text().startswith("# models:/tiny-300w/1")
+    from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
+
+    manifest = load_manifest(small_300w)
+    prior = Predictor.from_dir(pulled, device="cpu").crop_prior  # rank 0's re-crop prior, through the registry
+    assert prior is not None and prior.faces == manifest.count("train")
     images = sorted((test_data / "300W" / "lfpw" / "testset").glob("*.jpg"))[:3]
     direct = Predictor.from_dir(out.best_checkpoint, device="cpu")
     for img in images:
@@ -92,9 +97,6 @@ def test_train_survives_worker_failure_then_register_pull_predict(ray_cluster, s
 
     # the registered model works without flare: crops in, landmarks (crop px) out, any batch size, the
     # validation-selected decoder inside; it carries the selected epoch's metrics
-    from flare.datasets.ingest import BatchBuilder, iter_local_rows, load_manifest
-
-    manifest = load_manifest(small_300w)
     rows = next(iter_local_rows(manifest, "test", 4))
     crops = BatchBuilder(manifest.layout, direct.input_size, augment=False)(rows)["image"]
     np.save(tmp_path / "crops.npy", crops.numpy())
