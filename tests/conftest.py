@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Ray Train's controller polls its workers every 2 s by default, so each training run (and each Tune trial) ends,
+# and a dead worker is noticed, up to 2 s after the fact. Tests poll every 0.5 s: the same behaviour, less idle
+# wall time over the suite's ~60 Ray runs. Set before any Ray starts; subprocesses (flare train, cluster up) inherit
+# it. Measured on the worker-failure test (test_train_ray): 93 s -> 80 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def test_data() -> Path:
