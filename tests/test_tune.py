@@ -103,9 +103,10 @@ def env(small_300w: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def first_search(ray_cluster, env: dict) -> dict:
-    """4 trials (lr grid), ASHA grace 1 / factor 2 / 4 epochs, ``--max-concurrent auto`` on 2 CPUs."""
+    """3 trials (lr grid: one that learns, two that cannot), ASHA grace 1 / factor 2 / 4 epochs,
+    ``--max-concurrent auto`` on 2 CPUs."""
     free = ray_cluster.available_resources()
-    search = write_search(env["root"] / "a.yaml", 4, [3e-3, 1e-3, 1e-7, 3e-7])
+    search = write_search(env["root"] / "a.yaml", 4, [3e-3, 1e-7, 3e-7])
     t0 = time.monotonic()
     with deadline(GUARD_S):
         res = cli(*env["args"], "--search", str(search), "--name", "a", "--max-concurrent", "auto")
@@ -122,7 +123,7 @@ def test_asha_search_registers_and_promotes_the_best(first_search: dict, env: di
     assert f"up to {expect_k} trial(s) at once" in res.output
 
     ts = trials(first_search["path"])
-    assert len(ts) == 4 and all(t["status"] == "TERMINATED" for t in ts.values())
+    assert len(ts) == 3 and all(t["status"] == "TERMINATED" for t in ts.values())
     epochs = {tid: max(e for e, _ in t["rows"]) for tid, t in ts.items()}
     assert any(e < 4 for e in epochs.values()), epochs  # ASHA stopped at least one trial early
     assert max(epochs.values()) == 4  # and let at least one run to max_epochs
@@ -165,7 +166,7 @@ def test_trial_runs_end_with_their_training_and_say_what_they_ran(first_search: 
     version = client.get_model_version(MODEL, "1")  # the winner's, registered at the end of the search
     digest = manifest_hash(small_300w / "manifest.json")
     lrs = {tid: t["lr"] for tid, t in trials(first_search["path"]).items()}
-    assert len(children) == 4 and any(r.data.tags["flare.tune.stopped_early"] == "true" for r in children)
+    assert len(children) == 3 and any(r.data.tags["flare.tune.stopped_early"] == "true" for r in children)
     for run in children:
         tid, info = run.data.tags["flare.tune.trial_id"], run.info
         history = sorted(client.get_metric_history(info.run_id, "val_nme"), key=lambda m: m.step)
