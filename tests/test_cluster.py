@@ -213,7 +213,8 @@ def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> 
                "--no-ray"], env)
     assert r.returncode == 0, r.stderr
     search = tmp_path / "search.yaml"
-    search.write_text("samples: 2\nseed: 0\nscheduler: {grace_period: 1, reduction_factor: 2, max_epochs: 1}\n"
+    # one sample: the search's plumbing on a cluster (job, parent/child runs, registry); ASHA itself is test_tune's
+    search.write_text("samples: 1\nseed: 0\nscheduler: {grace_period: 1, reduction_factor: 2, max_epochs: 1}\n"
                       "params:\n  optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
@@ -223,7 +224,7 @@ def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> 
                "--address", url, "--wait"], {**env, "MLFLOW_TRACKING_URI": uri}, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
-    assert f"job {job_id} SUCCEEDED" in r.stdout and "search cluster-search: 2 sample(s)" in r.stdout
+    assert f"job {job_id} SUCCEEDED" in r.stdout and "search cluster-search: 1 sample(s)" in r.stdout
 
     from mlflow.tracking import MlflowClient
 
@@ -231,7 +232,7 @@ def test_submit_tune_runs_the_search_on_the_cluster(cluster, tmp_path: Path) -> 
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 1
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     (version,) = client.search_model_versions("name = 'tiny-300w'")
     best = min(children, key=lambda c: c.data.metrics["val_nme"])
