@@ -27,6 +27,7 @@ Usage: ``python bench/boxes.py [--model DIR] [--data DIR/300W] [--faces common|v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -38,8 +39,6 @@ import cv2
 import numpy as np
 import torch
 
-from flare.datasets.crop_prior import manifest_crop_prior
-from flare.datasets.ingest import load_manifest
 from flare.datasets.read_300w import read_300w
 from flare.datasets.records import crop_center_scale, read_image_bgr
 from flare.models.layouts import get_layout
@@ -57,6 +56,7 @@ from flare.platform.refine import (
     DEFAULT_PASSES,
     DETECTOR_FIRST_LOOK,
     first_look,
+    fit_missing_prior,
     refine_crops,
 )
 
@@ -138,11 +138,9 @@ def main() -> int:
         except MissingExtraError as err:
             skipped.append(f"  {name}: skipped ({err})")
     predictor = Predictor.from_dir(args.model, device="cpu")
-    prior_note = "the model's crop prior" if predictor.crop_prior is not None else "the landmark-extent rule"
-    if args.crop_prior and predictor.crop_prior is None:
-        predictor.crop_prior = manifest_crop_prior(load_manifest(args.crop_prior), "train")
-        prior_note = f"a crop prior fitted on {args.crop_prior}'s train split"
-    prior = predictor.crop_prior
+    prior_note = fit_missing_prior(predictor, args.crop_prior)
+    # the same model re-cropping with the landmark-extent rule, for the side-by-side rows
+    extent_rule = dataclasses.replace(predictor, crop_prior=None) if predictor.crop_prior is not None else None
     records = faces(args.data, args.faces, args.manifest)[: args.limit]
     gt_pred: list[list[np.ndarray]] = []
     det: dict[str, dict[int, list[np.ndarray]]] = {d: {} for d in detectors}
@@ -161,10 +159,8 @@ def main() -> int:
                 det[d][i], r = passes(predictor, image, c, s, args.passes)
                 wide[d][i], r_wide = passes(predictor, image, c, first_look(s, args.passes), args.passes)
                 refused[d] += r + r_wide
-                if prior is not None:  # the same wide path re-cropping with the extent rule
-                    predictor.crop_prior = None
-                    extent[d][i] = passes(predictor, image, c, first_look(s, args.passes), args.passes)[0]
-                    predictor.crop_prior = prior
+                if extent_rule is not None:
+                    extent[d][i] = passes(extent_rule, image, c, first_look(s, args.passes), args.passes)[0]
         if (i + 1) % 100 == 0:
             print(f"  {i + 1}/{len(records)} faces", file=sys.stderr, flush=True)
     layout = get_layout("300w68")
@@ -191,7 +187,7 @@ def main() -> int:
         rows = [(label, pick, preds) for label, pick in methods(args.passes)]
         if d != "gt":
             rows += [(label, pick, wide[d]) for label, pick in methods(args.passes, wide="wide")]
-            if prior is not None:
+            if extent_rule is not None:
                 rows += [(label, pick, extent[d]) for label, pick in methods(args.passes, wide="wide, extent")]
         for j, (label, pick, source) in enumerate(rows):
             head = f"  {d:<8} {len(idx):>5} {len(records) - len(idx) if d != 'gt' else '-':>6}" if j == 0 else " " * 23

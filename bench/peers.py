@@ -42,8 +42,6 @@ import cv2
 import numpy as np
 import torch
 
-from flare.datasets.crop_prior import manifest_crop_prior
-from flare.datasets.ingest import load_manifest
 from flare.datasets.read_300w import read_300w
 from flare.datasets.records import crop_center_scale
 from flare.models.layouts import get_layout
@@ -61,6 +59,7 @@ from flare.platform.refine import (
     DEFAULT_COMBINE,
     DETECTOR_FIRST_LOOK,
     combine_passes,
+    fit_missing_prior,
     refine_crops,
     refine_detected,
 )
@@ -222,10 +221,7 @@ def main() -> int:
     if not Path(args.model).is_dir():
         parser.error(f"--model {args.model}: not a directory (a flare model or checkpoint directory)")
     predictor = Predictor.from_dir(Path(args.model), device="cpu")
-    recrop = "the model's crop prior" if predictor.crop_prior is not None else "the landmark-extent rule"
-    if args.crop_prior and predictor.crop_prior is None:
-        predictor.crop_prior = manifest_crop_prior(load_manifest(args.crop_prior), "train")
-        recrop = f"a crop prior fitted on {args.crop_prior}'s train split"
+    recrop = fit_missing_prior(predictor, args.crop_prior)
     records = [r for r in read_300w(args.data, "test").records if "common" in r.subsets][: args.limit]
     job = predictor.job
     what = (f"{job.name}: {predictor.input_size} px, {job.model.stacks} stacks, {job.model.channels} ch, "

@@ -22,10 +22,13 @@ plus the earlier passes' landmarks for :func:`combine_passes`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flare.datasets.crop_prior import manifest_crop_prior
+from flare.datasets.ingest import load_manifest
 from flare.datasets.records import FaceRecord, crop_center_scale, landmark_box
 from flare.platform.detectors import check_detector, detector_crops
 from flare.platform.detectors import detect as detect_boxes
@@ -64,6 +67,15 @@ def recrop(predictor: Any, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     ``crop_prior`` when it has one, else :func:`landmark_crops` (module docstring)."""
     prior = getattr(predictor, "crop_prior", None)
     return prior.crops(landmarks) if prior is not None else landmark_crops(landmarks)
+
+
+def fit_missing_prior(predictor: Any, manifest: Path | None) -> str:
+    """Give a model saved without a crop prior the one of ``manifest``'s train split (the data it was trained
+    on; :func:`~flare.datasets.crop_prior.manifest_crop_prior`); returns which re-crop rule it now uses."""
+    if predictor.crop_prior is None and manifest is not None:
+        predictor.crop_prior = manifest_crop_prior(load_manifest(manifest), "train")
+        return f"a crop prior fitted on {manifest}'s train split"
+    return "the model's crop prior" if predictor.crop_prior is not None else "the landmark-extent rule"
 
 
 def crops_to_boxes(centers: np.ndarray, scales: np.ndarray) -> np.ndarray:

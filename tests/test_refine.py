@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flare.datasets.augment import crop_matrix
 from flare.datasets.crop_prior import fit_crop_prior
-from flare.datasets.ingest import BatchBuilder
+from flare.datasets.ingest import BatchBuilder, load_manifest
 from flare.datasets.prepare import PrepareOptions, process_record
 from flare.datasets.read_300w import read_300w
 from flare.datasets.records import crop_center_scale, read_image_bgr
@@ -27,6 +27,7 @@ from flare.platform.refine import (
     DETECTOR_FIRST_LOOK,
     crops_to_boxes,
     face_boxes,
+    fit_missing_prior,
     landmark_crops,
     plausible,
     predict_faces,
@@ -235,3 +236,14 @@ def test_the_refined_path_is_public_api() -> None:
     import flare
 
     assert flare.predict_faces is predict_faces and "predict_faces" in flare.__all__
+
+
+def test_a_model_without_a_prior_gets_its_training_splits(predictor: Predictor, small_300w: Path) -> None:
+    """``fit_missing_prior``: a model saved without a prior takes the train split's; one with a prior keeps it."""
+    bare = dataclasses.replace(predictor, crop_prior=None)
+    assert fit_missing_prior(bare, None) == "the landmark-extent rule" and bare.crop_prior is None
+    assert fit_missing_prior(bare, small_300w / "manifest.json").startswith("a crop prior fitted on")
+    fitted = bare.crop_prior
+    assert fitted is not None and fitted.faces == load_manifest(small_300w).count("train")
+    assert fit_missing_prior(bare, small_300w / "manifest.json") == "the model's crop prior"
+    assert bare.crop_prior is fitted
