@@ -3,7 +3,9 @@
 # Writes into $OUT (default out/gpu_run). Needs only PyTorch, NumPy, OpenCV, pyarrow, PyYAML, Typer; pydantic
 # (for the job specs) is installed from carried wheels when missing: bench/wheels/ or $WHEELS, made with
 #   pip download pydantic pydantic-core typing-extensions annotated-types typing-inspection --only-binary :all: \
-#     --python-version 3.11 --platform manylinux2014_x86_64 -d bench/wheels
+#     --python-version 3.12 --platform manylinux2014_x86_64 -d bench/wheels
+# (3.12: the GPU machines' Python, 2026-11; pydantic_core is compiled per Python version, so fetch the one
+# matching `python3 --version` there; the wrong one fails here in one line before anything runs.)
 # Carry: bench/wheels and the prepared dataset (data/300w by default, or pass --data DIR).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
