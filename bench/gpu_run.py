@@ -243,6 +243,10 @@ def timed_training(spec: str, manifest: Manifest, args: argparse.Namespace, devi
         "killed_after_grace": code is None, "exit_code": code, "epochs_done": len(rows),
         "planned_epochs": rows[-1].get("planned_epochs") if rows else None,
         "best": min(rows, key=lambda r: r["val_nme"]) if rows else None, "last": rows[-1] if rows else None}
+    later = rows[1:] or rows  # the first epoch also starts the loader and tunes cudnn
+    if later and all("val_s" in r for r in later):
+        summary["epoch_mean_s"] = {k: sum(r[k] for r in later) / len(later)
+                                   for k in ("epoch_time_s", "val_s", "checkpoint_s")}
     if rows:
         from flare.platform.compare import val_plot
 
@@ -426,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"training {t['spec']} (compile {summary['train_compile']}): {t['epochs_done']} of {t['planned_epochs']} "
               f"planned epochs in {t['wall_s']:.0f} s (budget {args.budget:.0f} s); test NME "
               f"{t.get('eval', {}).get('nme', float('nan')):.2%} ({t.get('eval', {}).get('count', 0)} faces)", flush=True)
+        if "epoch_mean_s" in t:
+            e = t["epoch_mean_s"]
+            print(f"  an epoch after the first: {e['epoch_time_s']:.2f} s, of which validation {e['val_s']:.2f} s and "
+                  f"the checkpoint held the loop {e['checkpoint_s']:.3f} s", flush=True)
     finally:
         loaders.close()
         summary["wall_s"] = time.perf_counter() - t_start

@@ -6,10 +6,12 @@ A checkpoint directory holds ``state.pt`` (model, EMA, optimiser, scheduler, epo
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,57 @@ def save_checkpoint(directory: Path, state: dict[str, Any], job: dict[str, Any])
     os.replace(tmp, directory / STATE_FILE)
     atomic_write_bytes(directory / JOB_FILE, (json.dumps(job, indent=2, sort_keys=True) + "\n").encode())
     return directory
+
+
+def host_copy(obj: Any) -> Any:
+    """``obj`` (a state dict: nested dicts, lists, tuples, tensors, primitives) with every tensor copied to
+    host memory, so training can go on changing the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):  # keeps the mapping's type (the scheduler's milestones are a Counter)
+        out = copy.copy(obj)
+        out.update((k, host_copy(v)) for k, v in obj.items())
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Runs each epoch's save-and-report job, in order, inline or in one background thread.
+
+    In the background the next epoch trains while the last one is written (a paper-size state is ~216 MB);
+    at most one job is in flight: :meth:`submit` first waits for the previous one, and re-raises its error.
+    :meth:`close` waits for the last job (so a finished or interrupted run leaves every epoch it reported).
+    """
+
+    def __init__(self, background: bool) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flare-checkpoint") if background else None
+        self._pending: Future | None = None
+
+    @property
+    def background(self) -> bool:
+        return self._pool is not None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._pool is None:
+            job()
+            return
+        self.wait()
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        """Block until the job in flight (if any) is done; re-raise its exception."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict]:

@@ -39,6 +39,8 @@ from flare.platform.train_loop import VAL_METRIC, train_worker
 class RaySession:
     """A worker inside Ray Train: dataset shards, DDP, ``ray.train.report``, MLflow on rank 0."""
 
+    background_checkpoints = False  # every rank reports each epoch together, from the worker's own thread
+
     def __init__(self, job: JobConfig, tracking_uri: str | None, run_id: str | None,
                  resume_from: str | None) -> None:
         import ray.train

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +42,13 @@ from flare.models.layouts import Layout
 from flare.models.metrics import evaluate
 from flare.platform.budget import BudgetPlan
 from flare.platform.builders import build_model, objective_from_config
-from flare.platform.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from flare.platform.checkpoints import (
+    CheckpointWriter,
+    host_copy,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from flare.platform.config import JobConfig, OptimizerConfig, parse_job
 from flare.platform.local_loader import LocalLoader, WaitClock
 from flare.platform.predictor import Predictor
@@ -55,6 +62,7 @@ class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    background_checkpoints: bool  # rank 0 writes each checkpoint while the next epoch trains
 
     def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterable[dict[str, torch.Tensor]]: ...
     def val_rows(self, batch_size: int) -> Iterable[list[dict]]: ...
@@ -250,41 +258,71 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                      bf16=use_bf16, channels_last=fast)
     val_crops = ValCrops(session, job, layout, per_worker)
+    writer = CheckpointWriter(background=session.rank == 0 and session.background_checkpoints)
     epoch, going = start_epoch, start_epoch < plan.epochs
-    while going:
-        fault_hook(epoch, session.rank)
-        stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
-        batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
-        for host in batches:
-            stats.add(step(host), len(host["image"]))
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        elapsed = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
-                                   "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9),
-                                   "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0)}
-        ckpt_dir = None
-        if session.rank == 0:
-            models = {"val_raw": model, **({"val_ema": ema.module} if job.ema.enabled else {})}
-            metrics.update(validate(models, val_crops, job, layout, device))
-            metrics.update(select_best(metrics, job))
-            best = min(best, metrics[VAL_METRIC])
-        going = plan.epoch_done(epoch, time.perf_counter() - t0)  # train + validation time
-        going = plan.share(going, device)
-        plan.apply(sched)
-        metrics["planned_epochs"] = plan.epochs
-        if session.rank == 0:
+    try:
+        while going:
+            fault_hook(epoch, session.rank)
+            stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
+            batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
+            for host in batches:
+                stats.add(step(host), len(host["image"]))
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            elapsed = time.perf_counter() - t0
+            metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
+                                       "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9),
+                                       "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0)}
+            if session.rank == 0:
+                models = {"val_raw": model, **({"val_ema": ema.module} if job.ema.enabled else {})}
+                metrics.update(validate(models, val_crops, job, layout, device))
+                metrics.update(select_best(metrics, job))
+                metrics["val_s"] = time.perf_counter() - t0 - elapsed
+                best = min(best, metrics[VAL_METRIC])
+            going = plan.epoch_done(epoch, time.perf_counter() - t0)  # train + validation time
+            going = plan.share(going, device)
+            plan.apply(sched)
+            metrics["planned_epochs"] = plan.epochs
+            if session.rank != 0:
+                session.report(stamped(metrics, wall0), None)
+                epoch += 1
+                continue
+            t_hold = time.perf_counter()
+            writer.wait()  # the previous epoch's checkpoint, when written in the background
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                      "val_nme": metrics[VAL_METRIC], "weights": metrics["val_weights"],
                      "decoder": metrics["val_decoder"], "planned_epochs": plan.epochs}
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
-            save_checkpoint(ckpt_dir, state, meta)
-        # wall clock: MLflow's per-epoch timestamps, also for runs imported later (flare runs import)
-        metrics["ended_at"] = time.time()
-        metrics["epoch_time_s"] = metrics["ended_at"] - wall0
-        session.report(metrics, ckpt_dir)
-        epoch += 1
+            if writer.background:  # the next epoch changes the originals while this copy is written
+                state = host_copy(state)
+            writer.submit(partial(publish, session, state, meta, metrics, t_hold, wall0, writer.background))
+            epoch += 1
+    finally:
+        writer.close()
+
+
+def stamped(metrics: dict[str, Any], wall0: float) -> dict[str, Any]:
+    """``metrics`` with the epoch's wall-clock end (MLflow's per-epoch timestamps, also for runs imported
+    later by ``flare runs import``) and its duration."""
+    metrics["ended_at"] = time.time()
+    metrics["epoch_time_s"] = metrics["ended_at"] - wall0
+    return metrics
+
+
+def publish(session: Session, state: dict[str, Any], meta: dict[str, Any], metrics: dict[str, Any],
+            t_hold: float, wall0: float, background: bool) -> None:
+    """Write one epoch's checkpoint and report it with its metrics. ``checkpoint_s`` is how long the training
+    loop was held by it: the write itself inline; the host copy (and any wait for the previous write) when
+    the write runs in the background, where the epoch ends before it."""
+    if background:
+        metrics["checkpoint_s"] = time.perf_counter() - t_hold
+        stamped(metrics, wall0)
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="flare-ckpt-"))
+    save_checkpoint(ckpt_dir, state, meta)
+    if not background:
+        metrics["checkpoint_s"] = time.perf_counter() - t_hold
+        stamped(metrics, wall0)
+    session.report(metrics, ckpt_dir)
 
 
 def select_best(metrics: dict[str, Any], job: JobConfig) -> dict[str, Any]:
@@ -310,6 +348,7 @@ class LocalSession:
     metrics appended to ``run_dir/metrics.jsonl`` (GPU hosts log them into MLflow afterwards)."""
 
     rank, world_size = 0, 1
+    background_checkpoints = True  # report() is plain file work: it runs in the writer's thread
 
     def __init__(self, job: JobConfig, run_dir: Path, device: str | None = None, resume: bool = False) -> None:
         self.job, self.run_dir = job, Path(run_dir)

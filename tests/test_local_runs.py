@@ -133,3 +133,21 @@ def test_checkpoints_carry_the_train_split_crop_prior(local_run: Path, small_300
     (broken / "job.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match=r"^\S+/model/job\.json: crop_prior does not fit 68 finite points$"):
         Predictor.from_dir(broken, device="cpu")
+
+
+def test_background_checkpoints_hold_their_own_epoch_and_time_the_loop(local_run: Path) -> None:
+    """``--no-ray`` writes each checkpoint while the next epoch trains: every epoch is reported once, in
+    order, with the checkpoint of that epoch, and each row says how long
+    validation and the checkpoint held the loop."""
+    from flare.platform.checkpoints import load_checkpoint
+
+    rows = [json.loads(line) for line in (local_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(len(rows))) and len(rows) >= 2
+    for r in rows:
+        assert 0 < r["val_s"] < r["epoch_time_s"] and 0 <= r["checkpoint_s"] < r["epoch_time_s"]
+    dirs = sorted((local_run / "checkpoints").glob("epoch_*"))
+    states = {d.name: load_checkpoint(d)[0] for d in dirs}
+    assert f"epoch_{len(rows) - 1:04d}" in states  # the last epoch's checkpoint is written before return
+    for name, state in states.items():
+        assert name == f"epoch_{int(state['epoch']):04d}"
+        assert float(state["val_nme"]) == rows[int(state["epoch"])]["val_nme"]
