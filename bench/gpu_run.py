@@ -20,7 +20,9 @@ Needs only PyTorch, NumPy, OpenCV, pyarrow, PyYAML, Typer and pydantic (never Ra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -46,6 +48,7 @@ JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
 COMPILED = "bf16+channels_last+compile_blocks"  # JobConfig.compile "blocks": each residual block compiled
 PROFILED = ("bf16+channels_last", COMPILED)  # these rows are also profiled into profile.txt
+WARMUP_MAX_S, WARMUP_CHUNK, WARMUP_TOLERANCE = 90.0, 4, 0.05  # warm_up()
 GRACE_S = 60.0  # the training process is killed only this long after its budget
 
 
@@ -111,23 +114,67 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
         train_step(next(batches))
 
     t_warm = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
+    warmup_steps = warm_up(step, device, warmup, max_s=WARMUP_MAX_S if device.type == "cuda" else 1.0)
     warmup_s = time.perf_counter() - t_warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches.seconds, t0 = 0.0, time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
+    per_step = step_times(step, device, steps)
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    third = max(1, steps // 3)
     row = {"images_per_s": steps * batch / elapsed, "data_wait": min(batches.seconds / elapsed, 1.0),
-           "step_s": elapsed / steps, "peak_mem_mb": peak, "warmup_s": warmup_s}
+           "step_s": elapsed / steps, "peak_mem_mb": peak, "warmup_s": warmup_s, "warmup_steps": warmup_steps,
+           "step_s_first_third": sum(per_step[:third]) / third, "step_s_last_third": sum(per_step[-third:]) / third}
     if profile_to is not None:
         row["profile"] = profile_steps(step, device, profile_to, f"{job.name} {precision} batch {batch}")
     return row
+
+
+def chunk_s(step: Any, device: torch.device, n: int) -> float:
+    """Mean wall seconds per step over ``n`` steps (one host sync at the end)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def warm_up(step: Any, device: torch.device, minimum: int, max_s: float) -> int:
+    """Run ``minimum`` steps, then chunks of ``WARMUP_CHUNK`` until two chunks in a row agree within
+    ``WARMUP_TOLERANCE`` (cudnn autotuning and lazy module loading are over) or ``max_s`` seconds have
+    passed; returns the steps run. It does not catch a steady slow phase: every window so far measured its
+    first rows, right after the machine started, 2x slower than the same step minutes later in the training
+    run, whose sustained rate (``train.sustained``) is the figure to quote."""
+    t0, done, last = time.perf_counter(), minimum, math.inf
+    if minimum:
+        chunk_s(step, device, minimum)
+    while time.perf_counter() - t0 < max_s:
+        now = chunk_s(step, device, WARMUP_CHUNK)
+        done += WARMUP_CHUNK
+        if abs(now - last) <= WARMUP_TOLERANCE * last:
+            break
+        last = now
+    return done
+
+
+def step_times(step: Any, device: torch.device, n: int) -> list[float]:
+    """Seconds of each of ``n`` steps: CUDA events on the stream (no host sync between steps), else the
+    host clock (CPU steps are synchronous)."""
+    if device.type != "cuda":
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+        return out
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    marks[0].record()
+    for i in range(n):
+        step()
+        marks[i + 1].record()
+    sync(device)
+    return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
 
 
 def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps: int = 3) -> dict[str, float]:
@@ -192,8 +239,8 @@ def train_flops_per_image(job: JobConfig, layout: Any, device: torch.device) -> 
 
 def write_table(rows: list[dict[str, Any]], out: Path, peak_tflops: float | None) -> str:
     """throughput.md (a Markdown table); returns it. MFU is against ``peak_tflops`` (dense bf16)."""
-    head = ("| spec | precision | batch | workers | images/s | data wait | s/step | MFU | peak MiB | warm-up s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| spec | precision | batch | workers | images/s | data wait | s/step | first/last third | MFU | peak MiB "
+            "| warm-up s (steps) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     nan = float("nan")
     lines = []
     for r in rows:
@@ -202,7 +249,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, peak_tflops: float | None
         r["mfu_bf16_dense"] = mfu
         lines.append(f"| {r['spec']} | {r['precision']} | {r.get('batch', '-')} | {r['workers']} | "
                      f"{r.get('images_per_s', nan):.1f} | {r.get('data_wait', nan):.1%} | {r.get('step_s', nan):.3f} | "
-                     f"{mfu:.1%} | {r.get('peak_mem_mb', nan):.0f} | {r.get('warmup_s', nan):.1f} |"
+                     f"{r.get('step_s_first_third', nan):.3f}/{r.get('step_s_last_third', nan):.3f} | "
+                     f"{mfu:.1%} | {r.get('peak_mem_mb', nan):.0f} | {r.get('warmup_s', nan):.1f} "
+                     f"({r.get('warmup_steps', '-')}) |"
                      + (f" {r['error']}" if "error" in r else "") + "\n")
     table = head + "".join(lines) + (f"\nMFU: training FLOPs (3 x forward, torch's counter) x images/s over "
                                      f"{peak_tflops:g} TFLOP/s dense bf16.\n" if peak_tflops else "")
@@ -244,6 +293,10 @@ def timed_training(spec: str, manifest: Manifest, args: argparse.Namespace, devi
         "planned_epochs": rows[-1].get("planned_epochs") if rows else None,
         "best": min(rows, key=lambda r: r["val_nme"]) if rows else None, "last": rows[-1] if rows else None}
     later = rows[1:] or rows  # the first epoch also starts the loader and tunes cudnn
+    if later:
+        rates = sorted(r["images_per_s"] for r in later)
+        summary["sustained"] = {"images_per_s_median": rates[len(rates) // 2], "images_per_s_min": rates[0],
+                                "data_wait_max": max(r["data_wait"] for r in later), "epochs": len(later)}
     if later and all("val_s" in r for r in later):
         summary["epoch_mean_s"] = {k: sum(r[k] for r in later) / len(later)
                                    for k in ("epoch_time_s", "val_s", "checkpoint_s")}
@@ -430,6 +483,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"training {t['spec']} (compile {summary['train_compile']}): {t['epochs_done']} of {t['planned_epochs']} "
               f"planned epochs in {t['wall_s']:.0f} s (budget {args.budget:.0f} s); test NME "
               f"{t.get('eval', {}).get('nme', float('nan')):.2%} ({t.get('eval', {}).get('count', 0)} faces)", flush=True)
+        if "sustained" in t:
+            u = t["sustained"]
+            print(f"  sustained over epochs 2-{u['epochs'] + 1}: {u['images_per_s_median']:.0f} images/s (median; "
+                  f"min {u['images_per_s_min']:.0f}), data wait at most {u['data_wait_max']:.1%}", flush=True)
         if "epoch_mean_s" in t:
             e = t["epoch_mean_s"]
             print(f"  an epoch after the first: {e['epoch_time_s']:.2f} s, of which validation {e['val_s']:.2f} s and "
