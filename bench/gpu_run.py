@@ -46,8 +46,8 @@ from flare.platform.train_loop import TrainStep, compiled_forward, make_optimize
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
-COMPILED = "bf16+channels_last+compile_blocks"  # JobConfig.compile "blocks": each residual block compiled
-PROFILED = ("bf16+channels_last", COMPILED)  # these rows are also profiled into profile.txt
+COMPILED = "bf16+channels_last+compile_"  # + JobConfig.compile: "blocks" (each residual block) or "model"
+PROFILED = "bf16+channels_last"  # rows whose precision starts so are also profiled into profile.txt
 WARMUP_MAX_S, WARMUP_CHUNK, WARMUP_TOLERANCE = 90.0, 4, 0.05  # warm_up()
 GRACE_S = 60.0  # the training process is killed only this long after its budget
 
@@ -106,7 +106,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     opt = make_optimizer(model, job.optimizer, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)
     batches = WaitClock(endless(loaders.get(job, batch)))
-    forward = compiled_forward(model, "blocks" if precision == COMPILED else "off")
+    forward = compiled_forward(model, precision.removeprefix(COMPILED) if precision.startswith(COMPILED) else "off")
     train_step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                            bf16=cl, channels_last=cl)  # the step of train_worker
 
@@ -215,7 +215,7 @@ def run_case(spec: str, precision: str, args: argparse.Namespace, loaders: Loade
                            "workers": loaders.workers, "device": str(device)}
     while batch >= 1:
         try:
-            profile_to = args.out / "profile.txt" if precision in PROFILED else None
+            profile_to = args.out / "profile.txt" if precision.startswith(PROFILED) else None
             row.update(throughput(job, precision, batch, loaders, device, args.warmup, args.steps, profile_to),
                        batch=batch)
             return row
@@ -353,35 +353,38 @@ def environment(device: torch.device, manifest: Manifest) -> dict[str, Any]:
             "gpu_state_at_start": gpu_state() if device.type == "cuda" else None}
 
 
-def compiled_case(spec: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-    """The torch.compile row (residual blocks compiled), in a child process stopped after ``timeout`` s
+def compiled_case(spec: str, mode: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    """The torch.compile row (``compile: blocks`` or ``model``), in a child process stopped after ``timeout`` s
     (compiling the whole 4-stack model took over 150 s in the first window, and the other rows must come
     back); its profile is appended to profile.txt."""
     out = Path(tempfile.mkdtemp(prefix="flare-compile-"))
-    cmd = [sys.executable, __file__, "--case", f"{spec}:{COMPILED}", "--out", str(out), "--data", str(args.data),
+    precision = COMPILED + mode
+    cmd = [sys.executable, __file__, "--case", f"{spec}:{precision}", "--out", str(out), "--data", str(args.data),
            "--workers", str(args.workers), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     try:
         proc = subprocess.run(cmd, check=False, timeout=timeout, capture_output=True, text=True,
                               start_new_session=True)
         if proc.returncode != 0:
-            return {"spec": spec, "precision": COMPILED, "workers": args.workers,
+            return {"spec": spec, "precision": precision, "workers": args.workers,
                     "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
         if (out / "profile.txt").exists():
             with (args.out / "profile.txt").open("a") as f:
                 f.write((out / "profile.txt").read_text())
         return json.loads((out / "case.json").read_text())
     except subprocess.TimeoutExpired:
-        return {"spec": spec, "precision": COMPILED, "workers": args.workers,
+        return {"spec": spec, "precision": precision, "workers": args.workers,
                 "error": f"not done within {timeout:.0f} s (compile included)"}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def train_compile_mode(rows: list[dict[str, Any]], spec: str) -> str:
-    """``"blocks"`` when this window's compiled row of ``spec`` beat its bf16 eager row, else ``"off"``: the
-    timed run trains with what measured fastest here."""
+    """The compile mode of this window's fastest row of ``spec`` when a compiled row beat its bf16 eager row,
+    else ``"off"``: the timed run trains with what measured fastest here."""
     speed = {r["precision"]: r.get("images_per_s", 0.0) for r in rows if r["spec"] == spec}
-    return "blocks" if speed.get(COMPILED, 0.0) > speed.get("bf16+channels_last", 0.0) > 0 else "off"
+    eager = speed.get("bf16+channels_last", 0.0)
+    best = max(((v, k) for k, v in speed.items() if k.startswith(COMPILED)), default=(0.0, ""))
+    return best[1].removeprefix(COMPILED) if best[0] > eager > 0 else "off"
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
@@ -401,8 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=None, help="training run wall-clock seconds (330: with the "
                    "throughput rows and the evaluation, ~8 of the 10 minutes a command gets; dry 20)")
     p.add_argument("--train-set", action="append", default=[], help="extra --set for the training run")
-    p.add_argument("--compile", action="store_true", help="add the compile: blocks row (measured no faster on an "
-                   "H200: bench/results/gpu/2026-11-26_h200_blocks)")
+    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "model"),
+                   help="add a torch.compile row of the first spec: blocks (each residual block; -3%% kernel time on "
+                   "an H200, bench/results/gpu/2026-11-26_h200_blocks) or model (the whole forward, unmeasured)")
     p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for the compiled row, compile "
                    "included")
     p.add_argument("--case", default=None, help="SPEC:PRECISION: only this throughput row, into OUT/case.json")
@@ -464,8 +468,8 @@ def main(argv: list[str] | None = None) -> None:
                 write_table(rows, args.out, peak)  # after every row: a window cut short keeps what it measured
             if spec == specs[0] and device.type == "cuda" and args.compile:
                 loaders.close()  # the child process needs the CPUs
-                rows.append(compiled_case(spec, args, args.compile_timeout))
-                print(f"  {spec} {COMPILED}: " + (f"{rows[-1]['images_per_s']:.1f} img/s" if "images_per_s" in
+                rows.append(compiled_case(spec, args.compile, args, args.compile_timeout))
+                print(f"  {spec} {rows[-1]['precision']}: " + (f"{rows[-1]['images_per_s']:.1f} img/s" if "images_per_s" in
                       rows[-1] else rows[-1]["error"]), flush=True)
                 write_table(rows, args.out, peak)
         if rows:

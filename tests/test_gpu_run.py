@@ -53,3 +53,23 @@ def test_train_only_with_throughput_only_is_refused_in_one_line(tmp_path: Path) 
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "--train-only runs no throughput rows" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_timed_run_compiles_only_as_the_fastest_row_did() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "bench" / "gpu_run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_run)
+
+    def rows(**speeds: float) -> list[dict]:
+        return [{"spec": "300w_star", "precision": p, "images_per_s": v} for p, v in speeds.items()] + [
+            {"spec": "300w_rwsa", "precision": "bf16+channels_last+compile_blocks", "images_per_s": 900.0}]
+
+    eager = "bf16+channels_last"
+    blocks, model = "bf16+channels_last+compile_blocks", "bf16+channels_last+compile_model"
+    assert gpu_run.train_compile_mode(rows(**{eager: 400.0, blocks: 410.0, model: 520.0}), "300w_star") == "model"
+    assert gpu_run.train_compile_mode(rows(**{eager: 400.0, blocks: 410.0}), "300w_star") == "blocks"
+    assert gpu_run.train_compile_mode(rows(**{eager: 400.0, model: 390.0}), "300w_star") == "off"
+    assert gpu_run.train_compile_mode([{"spec": "300w_star", "precision": model, "error": "not done"}],
+                                      "300w_star") == "off"  # a timed-out compile row never wins
