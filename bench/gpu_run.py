@@ -3,12 +3,13 @@
 (a) Throughput of the paper configs (``jobs/300w_star.yaml``, ``jobs/300w_rwsa.yaml``) on the real data
 path: batches from the prepared shards built by :class:`~flare.platform.local_loader.LocalLoader`
 workers, then the step of ``train_worker`` (forward, objective, backward, clip, Adam, EMA), fp32 eager vs
-bf16 autocast + channels_last (RwSA: bf16 only), with ``--compile`` also + torch.compile of the residual
-blocks (STAR, in a child process under a timeout); images/s, share of the time the step waited for data, MFU, peak memory, batch
-(halved on out-of-memory); ``--train-only`` skips them. (b) ``flare train 300w_star --no-ray`` (or
-``--train-spec``) with ``optimizer.time_budget_s`` (epochs
-and LR milestones fitted to the budget; ``compile: blocks`` when that row was faster), then the
-validation-selected checkpoint evaluated on the test split (300W common subset).
+bf16 autocast + channels_last (RwSA: bf16 only), with ``--compile [blocks|model]`` also + torch.compile of
+the residual blocks or the whole forward (STAR, in a child process under a timeout); images/s, share of the
+time the step waited for data, the first and last third's step times, MFU, peak memory, batch (halved on
+out-of-memory); ``--train-only`` skips them. (b) ``flare train 300w_star --no-ray`` (or ``--train-spec``)
+with ``optimizer.time_budget_s`` (epochs and LR milestones fitted to the budget; compiled when that row was
+faster), its sustained images/s and epoch split, then the validation-selected checkpoint evaluated on the
+test split (300W common subset).
 (c) At most 8 files under ``--out`` (``$OUT``): summary.json (environment, throughput rows, training and
 test figures), throughput.md, profile.txt, train_metrics.jsonl, train_log.txt, val_curve.png, ced.png, and
 gpu_run.log written by the shell wrapper.
