@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -297,8 +297,11 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                 state = host_copy(state)
             writer.submit(partial(publish, session, state, meta, metrics, t_hold, wall0, writer.background))
             epoch += 1
-    finally:
-        writer.close()
+    except BaseException:
+        with suppress(Exception):  # the last reported epoch still lands; the loop's own error is the one raised
+            writer.close()
+        raise
+    writer.close()
 
 
 def stamped(metrics: dict[str, Any], wall0: float) -> dict[str, Any]:

@@ -151,3 +151,21 @@ def test_background_checkpoints_hold_their_own_epoch_and_time_the_loop(local_run
     for name, state in states.items():
         assert name == f"epoch_{int(state['epoch']):04d}"
         assert float(state["val_nme"]) == rows[int(state["epoch"])]["val_nme"]
+
+
+def test_a_run_that_fails_keeps_the_epoch_written_in_the_background(small_300w: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``--no-ray`` run that raises at the start of epoch 1 (the test fault hook) raises that error, and
+    epoch 0, whose checkpoint was being written while epoch 1 began, is on disk and reported: resumable."""
+    from flare.platform.checkpoints import latest_checkpoint
+
+    monkeypatch.setenv("FLARE_TEST_FAULT_EPOCH", "1")
+    monkeypatch.setenv("FLARE_TEST_FAULT_MARKER", str(tmp_path / "fault"))
+    job = load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={small_300w / 'manifest.json'}"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="test fault hook: worker 0 fails once at epoch 1"):
+        train_local(job, run_dir, device="cpu")
+    assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert latest_checkpoint(run_dir / "checkpoints").name == "epoch_0000"
+    session = train_local(job, run_dir, device="cpu", resume=True)  # the fault fires once: it continues
+    assert [r["epoch"] for r in session.reports] == [1]
