@@ -21,9 +21,7 @@ Needs only PyTorch, NumPy, OpenCV, pyarrow, PyYAML, Typer and pydantic (never Ra
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import os
 import platform
 import shutil
@@ -38,6 +36,8 @@ from typing import Any
 
 import torch
 
+from flare.bench.gpu_model import keep
+from flare.bench.step_timing import WARMUP_MAX_S, profile_steps, step_times, warm_up
 from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
@@ -49,7 +49,6 @@ JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
 COMPILED = "bf16+channels_last+compile_"  # + JobConfig.compile: "blocks" (each residual block) or "model"
 PROFILED = "bf16+channels_last"  # rows whose precision starts so are also profiled into profile.txt
-WARMUP_MAX_S, WARMUP_CHUNK, WARMUP_TOLERANCE = 90.0, 4, 0.05  # warm_up()
 GRACE_S = 60.0  # the training process is killed only this long after its budget
 
 
@@ -59,11 +58,6 @@ def endless(loader: LocalLoader) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield from loader.epoch(epoch)
         epoch += 1
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Loaders:
@@ -130,81 +124,6 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     if profile_to is not None:
         row["profile"] = profile_steps(step, device, profile_to, f"{job.name} {precision} batch {batch}")
     return row
-
-
-def chunk_s(step: Any, device: torch.device, n: int) -> float:
-    """Mean wall seconds per step over ``n`` steps (one host sync at the end)."""
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
-def warm_up(step: Any, device: torch.device, minimum: int, max_s: float) -> int:
-    """Run ``minimum`` steps, then chunks of ``WARMUP_CHUNK`` until two chunks in a row agree within
-    ``WARMUP_TOLERANCE`` (cudnn autotuning and lazy module loading are over) or ``max_s`` seconds have
-    passed; returns the steps run. It does not catch a steady slow phase: every window so far measured its
-    first rows, right after the machine started, 2x slower than the same step minutes later in the training
-    run, whose sustained rate (``train.sustained``) is the figure to quote."""
-    t0, done, last = time.perf_counter(), minimum, math.inf
-    if minimum:
-        chunk_s(step, device, minimum)
-    while time.perf_counter() - t0 < max_s:
-        now = chunk_s(step, device, WARMUP_CHUNK)
-        done += WARMUP_CHUNK
-        if abs(now - last) <= WARMUP_TOLERANCE * last:
-            break
-        last = now
-    return done
-
-
-def step_times(step: Any, device: torch.device, n: int) -> list[float]:
-    """Seconds of each of ``n`` steps: CUDA events on the stream (no host sync between steps), else the
-    host clock (CPU steps are synchronous)."""
-    if device.type != "cuda":
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
-        return out
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
-    marks[0].record()
-    for i in range(n):
-        step()
-        marks[i + 1].record()
-    sync(device)
-    return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
-
-
-def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps: int = 3) -> dict[str, float]:
-    """``steps`` steps under torch.profiler: where the step's time goes (kernels by device time, ops by
-    host time, ops by input shapes, kernel launches per step), appended to ``path`` (profile.txt); returns
-    the totals."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=acts, record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
-    wall = (time.perf_counter() - t0) / steps
-    events = prof.key_averages()
-    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    gpu_busy = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e6 / steps
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with path.open("a") as f:
-        f.write(f"== {title}: {wall * 1000:.1f} ms/step wall, GPU kernels busy {gpu_busy * 1000:.1f} ms/step, "
-                f"{launches / steps:.0f} kernel launches/step ==\n")
-        f.write(events.table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
-        f.write(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60) + "\n")
-        shaped = prof.key_averages(group_by_input_shape=True)  # which tensors the copies and adds move
-        f.write(shaped.table(sort_by=sort, row_limit=25, max_name_column_width=40, max_shapes_column_width=70) + "\n")
-    return {"wall_ms": wall * 1000, "gpu_busy_ms": gpu_busy * 1000, "launches_per_step": launches / steps}
 
 
 def run_case(spec: str, precision: str, args: argparse.Namespace, loaders: Loaders,
@@ -307,6 +226,8 @@ def timed_training(spec: str, manifest: Manifest, args: argparse.Namespace, devi
         val_plot({spec: [(r["epoch"], r["val_nme"]) for r in rows]}, out / "val_curve.png",
                  f"{spec} on {device}: validation NME, {len(rows)} epochs in {wall:.0f} s")
         summary["eval"] = evaluate_best(run_dir / "checkpoints", manifest, device, out)
+        if args.keep_model and "checkpoint" in summary["eval"]:
+            summary["model_parts"] = keep(run_dir / "checkpoints" / summary["eval"]["checkpoint"], out)
     shutil.rmtree(run_dir.parent, ignore_errors=True)
     return summary
 
@@ -416,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--throughput-only", action="store_true", help="no training run (a short window)")
     p.add_argument("--train-only", action="store_true", help="no throughput rows: the whole command for the timed "
                    "run (--budget 480 measures the issue's 100-epochs-in-8-minutes target)")
+    p.add_argument("--keep-model", action="store_true", help="bring the selected weights back as model_partK.pt "
+                   "(fp16, <= 15 MiB each; join them with bench/gpu_model.py): fits the 8 files with --train-only")
     p.add_argument("--train-spec", default=None, help="the timed run's spec (default: 300w_star; dry: tiny)")
     args = p.parse_args(argv)
     if args.train_only and (args.throughput_only or args.case):

@@ -73,3 +73,28 @@ def test_the_timed_run_compiles_only_as_the_fastest_row_did() -> None:
     assert gpu_run.train_compile_mode(rows(**{eager: 400.0, model: 390.0}), "300w_star") == "off"
     assert gpu_run.train_compile_mode([{"spec": "300w_star", "precision": model, "error": "not done"}],
                                       "300w_star") == "off"  # a timed-out compile row never wins
+
+
+def test_train_only_brings_the_model_back_within_eight_files(small_300w: Path, tmp_path: Path) -> None:
+    """``--train-only --keep-model``: the selected weights come back as model_partK.pt next to the other files
+    (at most 8), and joined here they score what the window measured on the test split."""
+    from flare.bench.gpu_model import join
+    from flare.platform.evaluate import evaluate_model
+    from flare.platform.predictor import Predictor
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "--train-only", "--keep-model",
+                           "--data", str(small_300w)], env=env, capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    parts = [out / f for f in files if f.startswith("model_part")]
+    assert len(files) <= 8 and parts and files == sorted(
+        ["ced.png", "gpu_run.log", "summary.json", "train_log.txt", "train_metrics.jsonl", "val_curve.png",
+         *(p.name for p in parts)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["model_parts"]["files"] == [p.name for p in parts]
+    model = join(parts, tmp_path / "model")
+    nme = evaluate_model(Predictor.from_dir(model, device="cpu"), small_300w, "test", tmp_path / "eval")["nme"]
+    assert abs(nme - summary["train"]["eval"]["nme"]) < 1e-4

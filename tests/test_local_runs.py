@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from flare.datasets.crop_prior import manifest_crop_prior
@@ -169,3 +170,44 @@ def test_a_run_that_fails_keeps_the_epoch_written_in_the_background(small_300w: 
     assert latest_checkpoint(run_dir / "checkpoints").name == "epoch_0000"
     session = train_local(job, run_dir, device="cpu", resume=True)  # the fault fires once: it continues
     assert [r["epoch"] for r in session.reports] == [1]
+
+
+def test_a_gpu_windows_model_comes_back_in_parts_and_evaluates_the_same(local_run: Path, small_300w: Path,
+                                                                         tmp_path: Path) -> None:
+    """``bench/gpu_model.py``: the selected weights split into files under a size limit (fp16), joined here into
+    a model directory that Predictor loads and that scores the checkpoint's test NME; missing, repeated or
+    foreign parts and a non-empty target are refused in one line naming the file."""
+    from flare.bench.gpu_model import join, split
+    from flare.platform.checkpoints import load_checkpoint, load_weights, selected_weights
+    from flare.platform.evaluate import evaluate_model
+
+    checkpoint = max((local_run / "checkpoints").glob("epoch_*"))
+    (tmp_path / "parts").mkdir()
+    parts = split(checkpoint, tmp_path / "parts", max_bytes=150_000)
+    assert len(parts) >= 3 and all(p.stat().st_size < 150_000 + 40_000 for p in parts)
+    model = join(list(reversed(parts)), tmp_path / "model")  # in any order
+    weights, want = load_weights(model / "state.pt"), selected_weights(load_checkpoint(checkpoint)[0])
+    assert weights.keys() == want.keys()
+    for k, v in want.items():
+        assert weights[k].dtype == v.dtype and torch.allclose(weights[k], v, rtol=1e-3, atol=1e-6), k
+    joined = Predictor.from_dir(model, device="cpu")
+    original = Predictor.from_dir(checkpoint, device="cpu")
+    assert joined.decoder == original.decoder and joined.crop_prior is not None
+    scores = [evaluate_model(p, small_300w, "test", tmp_path / name)["nme"]
+              for p, name in ((joined, "eval_joined"), (original, "eval_original"))]
+    assert abs(scores[0] - scores[1]) < 1e-4, scores  # NME as a fraction: fp16 weights change it by < 0.01%
+    with pytest.raises(ValueError, match=r"model_part0\.pt: part 0 given twice"):
+        join([parts[0], parts[0]], tmp_path / "m2")
+    with pytest.raises(ValueError, match=r"model_part0\.pt: parts \[1\] of \d+ are missing"):
+        join([p for p in parts if p.name != "model_part1.pt"], tmp_path / "m3")
+    with pytest.raises(ValueError, match=r"/model: exists and is not empty"):
+        join(parts, model)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(checkpoint, foreign)
+    meta = json.loads((foreign / "job.json").read_text())
+    (foreign / "job.json").write_text(json.dumps({**meta, "note": "another run"}))
+    (tmp_path / "other").mkdir()
+    other = split(foreign, tmp_path / "other", max_bytes=150_000)
+    with pytest.raises(ValueError, match=r"other/model_part1\.pt: belongs to another model"):
+        join([parts[0], other[1], *parts[2:]], tmp_path / "m4")
+    assert not any((tmp_path / name).exists() for name in ("m2", "m3", "m4"))  # nothing half-written
