@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.train_only and (args.throughput_only or args.case):
         p.error("--train-only runs no throughput rows: drop --throughput-only / --case")
+    if args.keep_model and not args.train_only:
+        p.error("--keep-model needs --train-only: the throughput rows' files fill the 8 a window returns")
     dry = args.dry_run
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
     specs = ["tiny"] if dry else ["300w_star", "300w_rwsa"]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,10 +50,12 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     assert (out / "train_log.txt").exists() and "training tiny" in (out / "gpu_run.log").read_text()
 
 
-def test_train_only_with_throughput_only_is_refused_in_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--train-only", "--throughput-only",
+@pytest.mark.parametrize("flags, message", [(["--train-only", "--throughput-only"], "--train-only runs no throughput rows"),
+                                            (["--keep-model"], "--keep-model needs --train-only")])
+def test_conflicting_options_are_refused_in_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), *flags,
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2 and "--train-only runs no throughput rows" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
