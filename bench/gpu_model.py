@@ -27,11 +27,10 @@ import torch
 
 from flare.files import atomic_write_bytes
 from flare.platform.checkpoints import (
-    JOB_FILE,
-    STATE_FILE,
     checkpoint_info,
     load_checkpoint,
     load_weights,
+    save_checkpoint,
     selected_weights,
 )
 
@@ -106,13 +105,7 @@ def join(parts: list[Path], out: Path) -> Path:
     for i in range(expected):
         for name, t in loaded[i][1]["tensors"].items():
             weights[name] = t.float() if t.is_floating_point() else t
-    meta = json.loads(first[1]["meta"])
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(weights, buf)
-    atomic_write_bytes(out / STATE_FILE, buf.getvalue())
-    atomic_write_bytes(out / JOB_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return out
+    return save_checkpoint(out, weights, json.loads(first[1]["meta"]))  # state.pt + job.json, each atomic
 
 
 def keep(checkpoint: Path, out: Path, max_files: int = 8) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                      bf16=use_bf16, channels_last=fast)
     val_crops = ValCrops(session, job, layout, per_worker)
-    writer = CheckpointWriter(background=session.rank == 0 and session.background_checkpoints)
+    writer = CheckpointWriter(background=session.background_checkpoints)  # used by rank 0 only
     epoch, going = start_epoch, start_epoch < plan.epochs
     try:
         while going:
