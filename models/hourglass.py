@@ -94,6 +94,15 @@ class CoordConv(nn.Module):
     """Conv over [x, coordinate channels] (method.md 3.4); 3 extra channels, 5 with ``boundary``.
 
     Keys: ``conv`` (+ ``bn``). Carries no parameters beyond the convolution (and optional BN).
+
+    The convolution is linear, so it runs as conv(x, W_x) plus the coordinate channels' share, and that
+    share is computed once per forward, not per sample: the ramps are the same for every image, so
+    conv(ramps, W_c) + bias is one (1, out, h, w) map; the boundary channels of a 1x1 conv are
+    mask[b] * conv(ramp_H, ramp_W; W_b) (the mask is a per-pixel scalar). Same function and weights as the
+    concatenation, without the (B, C + 5, H, W) copy, its layout conversion and cudnn's channel padding to a
+    multiple of 8 (bench/results/gpu profile). Training runs the split; eval mode runs :meth:`reference`, the
+    concatenation, so inference and export keep one Conv with the checkpoint's weight (int8 quantization
+    needs it).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -109,7 +118,28 @@ class CoordConv(nn.Module):
     def forward(self, x: Tensor, boundary_heat: Tensor | None = None) -> Tensor:
         if self.boundary != (boundary_heat is not None):
             raise ValueError(f"CoordConv(boundary={self.boundary}) needs boundary_heat iff boundary")
-        x = self.conv(torch.cat([x, coord_channels(x, boundary_heat)], dim=1))
+        conv, c = self.conv, x.shape[1]
+        w = conv.weight
+        if c + (5 if self.boundary else 3) != w.shape[1]:
+            raise ValueError(f"CoordConv expects {w.shape[1] - (5 if self.boundary else 3)} input channels, got {c}")
+        if not self.training:
+            return self.reference(x, boundary_heat)
+        ramps = coord_channels(x[:1])  # (1, 3, H, W): the same for every image
+        out = F.conv2d(x, w[:, :c], None, conv.stride, conv.padding)
+        out = out + F.conv2d(ramps, w[:, c:c + 3], conv.bias, conv.stride, conv.padding)
+        if boundary_heat is not None:
+            on = (boundary_heat[:, -1:].clamp(0.0, 1.0) > BOUNDARY_THRESHOLD).to(out.dtype)
+            if conv.kernel_size == (1, 1) and conv.stride == (1, 1):
+                out = torch.addcmul(out, on, F.conv2d(ramps[:, :2], w[:, c + 3:]).to(out.dtype))
+            else:
+                out = out + F.conv2d(on * ramps[:, :2], w[:, c + 3:], None, conv.stride, conv.padding)
+        return self._finish(out)
+
+    def reference(self, x: Tensor, boundary_heat: Tensor | None = None) -> Tensor:
+        """method.md 3.4 as written: one convolution over the concatenation [x, coordinate channels]."""
+        return self._finish(self.conv(torch.cat([x, coord_channels(x, boundary_heat)], dim=1)))
+
+    def _finish(self, x: Tensor) -> Tensor:
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x) if self.relu else x

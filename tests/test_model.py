@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from flare.models.hourglass import (
+    BOUNDARY_THRESHOLD,
+    CoordConv,
     Residual,
     StackedHourglass,
     coord_channels,
@@ -225,3 +227,37 @@ def test_load_official_state_dict_drops_only_dead_skips():
     official["module.extra.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError):
         load_official_state_dict(target, official)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "boundary", "bn"), [(1, 1, False, False), (1, 1, True, False),
+                                                                 (7, 2, False, True), (3, 1, True, False)])
+def test_coordconv_split_equals_the_concatenation(kernel, stride, boundary, bn):
+    """The coordinate channels' share computed once per forward (CoordConv.forward) is the same function, with the
+    same gradients, as one convolution over [x, coordinate channels] (method.md 3.4, CoordConv.reference)."""
+    torch.manual_seed(0)
+    conv = CoordConv(6, 8, kernel, stride, boundary=boundary, bn=bn, relu=bn).double()
+    x = torch.randn(3, 6, 16, 16, dtype=torch.float64, requires_grad=True)
+    heat = torch.rand(3, 4, 16, 16, dtype=torch.float64) * 0.1 if boundary else None  # mask on and off
+    if heat is not None:
+        assert 0 < (heat[:, -1] > BOUNDARY_THRESHOLD).double().mean() < 1
+    outs, grads = [], []
+    assert conv.training  # the split runs in training; eval mode runs the reference (one Conv for export)
+    for fn in (conv, conv.reference):
+        conv.zero_grad()
+        x.grad = None
+        out = fn(x, heat)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+    assert outs[0].shape == (3, 8, 16 // stride, 16 // stride)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    conv.eval()
+    torch.testing.assert_close(conv(x, heat), conv.reference(x, heat), rtol=0, atol=0)
+
+
+def test_coordconv_refuses_a_wrong_width():
+    conv = CoordConv(6, 8, 1)
+    with pytest.raises(ValueError, match="expects 6 input channels, got 5"):
+        conv(torch.zeros(1, 5, 8, 8))

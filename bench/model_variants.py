@@ -1,0 +1,185 @@
+"""Side-by-side forward + backward time of the hourglass with one implementation detail swapped.
+
+Each variant is the same function with the same weights (the bench checks the outputs agree): today's
+code (``current``) against the implementation it replaced, e.g. ``coordconv_concat`` (one convolution over
+the concatenation [x, coordinate channels], method.md 3.4 as written) against the split CoordConv, whose
+coordinate share is computed once per forward. Rounds interleave the variants (A B, B A, ...) so that a
+drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
+
+Only the model's forward and backward are timed (a fixed random input and a fixed weighting of every
+stack's outputs), not the data path, the objective or the optimiser: the step's model part, where these
+variants differ. On CUDA: bf16 autocast + channels_last (the fast path of ``train_worker``), CUDA events;
+on CPU: fp32, wall clock (ratios only; absolute times come from a GPU).
+
+Usage: ``python bench/model_variants.py [--spec 300w_star] [--batch B] [--rounds R] [--steps S]
+[--variants current coordconv_concat]``; ``--dry-run``: ``jobs/tiny.yaml``, batch 2, a few steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flare.models.hourglass import CoordConv
+from flare.models.layouts import get_layout
+from flare.platform.builders import build_model
+from flare.platform.config import JobConfig, load_job
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@contextlib.contextmanager
+def current() -> Iterator[None]:
+    """Today's code."""
+    yield
+
+
+@contextlib.contextmanager
+def coordconv_concat() -> Iterator[None]:
+    """CoordConv as one convolution over the concatenation (before 2026-11-27 in training too)."""
+    forward = CoordConv.forward
+    CoordConv.forward = CoordConv.reference  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CoordConv.forward = forward  # type: ignore[method-assign]
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "current": current, "coordconv_concat": coordconv_concat}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ModelStep:
+    """Forward + backward of ``job``'s model on a fixed random batch (the fast path's precision and layout)."""
+
+    def __init__(self, job: JobConfig, batch: int, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device, fast = device, device.type == "cuda"
+        fmt = torch.channels_last if fast else torch.preserve_format
+        self.model = build_model(job, get_layout(job.model.layout)).to(device, memory_format=fmt).train()
+        s = job.data.input_size
+        self.x = torch.randn(batch, 3, s, s, device=device).contiguous(memory_format=fmt)
+        self.bf16 = fast
+        with torch.no_grad(), self.autocast():
+            outs = self.model(self.x)
+        self.weights = [torch.randn_like(o.fused, dtype=torch.float32) for o in outs]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def __call__(self) -> None:
+        with self.autocast():
+            outs = self.model(self.x)
+        loss = sum((o.fused.float() * w).mean() + o.heatmaps.float().mean() for o, w in zip(outs, self.weights,
+                                                                                           strict=True))
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+
+
+def timed(step: ModelStep, n: int) -> float:
+    """Mean seconds per step over ``n`` steps: CUDA events around them, else the wall clock."""
+    if step.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            step()
+        end.record()
+        sync(step.device)
+        return start.elapsed_time(end) / 1000 / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def differences(job: JobConfig, names: list[str]) -> tuple[dict[str, float], float]:
+    """Largest difference of each variant's training-mode outputs (every stack's fused maps) from the first
+    variant's, in float64 on CPU (batch 2; in fp32 or bf16 a rounding difference can flip a boundary-mask
+    pixel of method.md 3.4 and show a large difference), and the outputs' largest magnitude."""
+    torch.manual_seed(0)
+    model = build_model(job, get_layout(job.model.layout)).double().train()
+    s = job.data.input_size
+    x = torch.randn(2, 3, s, s, dtype=torch.float64)
+    outs: dict[str, torch.Tensor] = {}
+    for name in names:
+        with VARIANTS[name](), torch.no_grad():
+            outs[name] = torch.stack([o.fused for o in model(x)])
+    ref = outs[names[0]]
+    return {n: float((o - ref).abs().max()) for n, o in outs.items()}, float(ref.abs().max())
+
+
+def compare(job: JobConfig, names: list[str], batch: int, rounds: int, steps: int, warmup: int,
+            device: torch.device) -> list[dict[str, Any]]:
+    """One row per variant: median seconds per step over ``rounds`` interleaved rounds of ``steps`` steps, the
+    ratio to the first variant's median, and the largest output difference from the first variant."""
+    diffs, scale = differences(job, names)
+    step = ModelStep(job, batch, device)
+    for name in names:
+        with VARIANTS[name]():
+            for _ in range(warmup):  # cudnn autotuning for this variant's shapes
+                step()
+            sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            with VARIANTS[name]():
+                times[name].append(timed(step, steps))
+    base = statistics.median(times[names[0]])
+    return [{"variant": n, "batch": batch, "device": str(device), "s_per_step": statistics.median(t),
+             "min_s": min(t), "max_s": max(t), "ratio_to_first": statistics.median(t) / base,
+             "max_abs_diff": diffs[n], "output_scale": scale} for n, t in times.items()]
+
+
+def table(rows: list[dict[str, Any]], title: str) -> str:
+    """The rows as Markdown (absolute times are meaningful on a GPU only)."""
+    lines = [f"{title}\n", "| variant | batch | median s/step (min-max) | x first variant | float64 output diff / scale |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['s_per_step']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f}) | "
+                     f"{r['ratio_to_first']:.3f} | {r['max_abs_diff']:.2e} / {r['output_scale']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="300w_star")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--batch", type=int, default=None, help="default: the spec's batch on CUDA, 4 on CPU")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=None, help="steps per round (default 10 on CUDA, 1 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 5 / 1)")
+    ap.add_argument("--device", default=None, help="default: cuda when available")
+    ap.add_argument("--dry-run", action="store_true", help="jobs/tiny.yaml, batch 2, two rounds of one step")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    spec = "tiny" if args.dry_run else args.spec
+    job = load_job(JOBS / f"{spec}.yaml", [])
+    batch = args.batch or (2 if args.dry_run else job.optimizer.batch_size if cuda else 4)
+    rounds = 2 if args.dry_run else args.rounds
+    steps = args.steps or (10 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as train_worker
+    rows = compare(job, args.variants, batch, rounds, steps, warmup, device)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU (fp32; ratios only)"
+    text = table(rows, f"model forward+backward, {spec}, {name}, {'bf16+channels_last' if cuda else 'fp32'}, "
+                       f"{rounds} interleaved rounds of {steps} steps")
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()
