@@ -309,6 +309,24 @@ def train_compile_mode(rows: list[dict[str, Any]], spec: str) -> str:
     return best[1].removeprefix(COMPILED) if best[0] > eager > 0 else "off"
 
 
+def variant_rows(spec: str, manifest: Manifest, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """bench/model_variants.py for ``spec`` (dry run: two rounds of one step), appended to throughput.md."""
+    from flare.bench.model_variants import measure
+
+    job = load_job(JOBS / f"{spec}.yaml", [f"data.manifest={manifest.path}"])
+    try:
+        rows, text = measure(job, device, batch=args.batch or (2 if args.dry_run else None),
+                             rounds=2 if args.dry_run else 6)
+    except Exception as err:  # noqa: BLE001 - the window's other results must come back
+        rows, text = [{"error": f"{type(err).__name__}: {err}"}], f"model variants failed: {type(err).__name__}: {err}\n"
+    with (args.out / "throughput.md").open("a") as f:
+        f.write("\n" + text)
+    print(text, flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
 
 
@@ -329,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "model"),
                    help="add a torch.compile row of the first spec: blocks (each residual block; -3%% kernel time on "
                    "an H200, bench/results/gpu/2026-11-26_h200_blocks) or model (the whole forward, unmeasured)")
+    p.add_argument("--variants", action="store_true", help="after the rows: the model's forward+backward with each "
+                   "implementation detail swapped back (bench/model_variants.py), interleaved, into throughput.md")
     p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for the compiled row, compile "
                    "included")
     p.add_argument("--case", default=None, help="SPEC:PRECISION: only this throughput row, into OUT/case.json")
@@ -401,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         if rows:
             print(write_table(rows, args.out, peak), flush=True)
         summary["throughput"] = rows
+        if args.variants and not args.train_only:
+            summary["variants"] = variant_rows(specs[0], manifest, args, device)
         if args.throughput_only:
             return
         loaders.close()

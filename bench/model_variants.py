@@ -152,7 +152,25 @@ def table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> str:
+def measure(job: JobConfig, device: torch.device, names: list[str] | None = None, batch: int | None = None,
+            rounds: int = 6, steps: int | None = None, warmup: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """:func:`compare` with this device's defaults (CUDA: the spec's batch, 10 steps a round after 5 warm-up
+    steps; CPU: batch 4, one step after one); returns the rows and their Markdown table."""
+    cuda = device.type == "cuda"
+    names = names or list(VARIANTS)
+    batch = batch or (job.optimizer.batch_size if cuda else 4)
+    steps = steps or (10 if cuda else 1)
+    warmup = warmup if warmup is not None else (5 if cuda else 1)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as train_worker
+    rows = compare(job, names, batch, rounds, steps, warmup, device)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU (ratios only)"
+    text = table(rows, f"model forward+backward, {job.name}, {name}, {'bf16+channels_last' if cuda else 'fp32'}, "
+                       f"{rounds} interleaved rounds of {steps} steps")
+    return rows, text
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="300w_star")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -164,21 +182,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--dry-run", action="store_true", help="jobs/tiny.yaml, batch 2, two rounds of one step")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
-    spec = "tiny" if args.dry_run else args.spec
-    job = load_job(JOBS / f"{spec}.yaml", [])
-    batch = args.batch or (2 if args.dry_run else job.optimizer.batch_size if cuda else 4)
-    rounds = 2 if args.dry_run else args.rounds
-    steps = args.steps or (10 if cuda else 1)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as train_worker
-    rows = compare(job, args.variants, batch, rounds, steps, warmup, device)
-    name = torch.cuda.get_device_name(device) if cuda else "CPU (fp32; ratios only)"
-    text = table(rows, f"model forward+backward, {spec}, {name}, {'bf16+channels_last' if cuda else 'fp32'}, "
-                       f"{rounds} interleaved rounds of {steps} steps")
+    job = load_job(JOBS / f"{'tiny' if args.dry_run else args.spec}.yaml", [])
+    _, text = measure(job, device, args.variants, 2 if args.dry_run else args.batch, 2 if args.dry_run else args.rounds,
+                      args.steps, args.warmup)
     print(text, flush=True)
-    return text
 
 
 if __name__ == "__main__":

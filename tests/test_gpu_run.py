@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "--data", str(small_300w)],
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "--data", str(small_300w), "--variants"],
                           env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
@@ -33,6 +33,10 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     assert "profile" not in rows[0] and rows[1]["profile"]["wall_ms"] > 0  # the bf16 row is profiled
     assert "ms/step wall" in (out / "profile.txt").read_text()
     assert (out / "throughput.md").read_text().count("| tiny |") == 2
+    variants = {r["variant"]: r for r in summary["variants"]}  # --variants: the A/B of bench/model_variants.py
+    assert set(variants) == {"current", "coordconv_concat"} and variants["current"]["ratio_to_first"] == 1.0
+    assert variants["coordconv_concat"]["s_per_step"] > 0 and variants["coordconv_concat"]["max_abs_diff"] < 1e-9
+    assert "| coordconv_concat | 2 |" in (out / "throughput.md").read_text()
     env_facts = summary["env"]
     assert env_facts["device"] == "cpu" and not env_facts["ray_imported"] and not env_facts["mlflow_imported"]
     assert summary["train_compile"] == "off"  # no compiled row on CPU: the timed run trains eagerly
