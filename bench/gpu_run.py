@@ -3,8 +3,8 @@
 (a) Throughput of the paper configs (``jobs/300w_star.yaml``, ``jobs/300w_rwsa.yaml``) on the real data
 path: batches from the prepared shards built by :class:`~flare.platform.local_loader.LocalLoader`
 workers, then the step of ``train_worker`` (forward, objective, backward, clip, Adam, EMA), fp32 eager vs
-bf16 autocast + channels_last (RwSA: bf16 only), with ``--compile [blocks|model]`` also + torch.compile of
-the residual blocks or the whole forward (STAR, in a child process under a timeout); images/s, share of the
+bf16 autocast + channels_last (RwSA: bf16 only), with ``--compile [blocks|model|objective]`` also + torch.compile of
+the residual blocks, the whole forward or the objective (STAR, in a child process under a timeout); images/s, share of the
 time the step waited for data, the first and last third's step times, MFU, peak memory, batch (halved on
 out-of-memory); ``--train-only`` skips them. (b) ``flare train 300w_star --no-ray`` (or ``--train-spec``)
 with ``optimizer.time_budget_s`` (epochs and LR milestones fitted to the budget; compiled when that row was
@@ -42,12 +42,12 @@ from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.local_loader import LocalLoader, WaitClock
-from flare.platform.train_loop import TrainStep, compiled_forward, make_optimizer
+from flare.platform.train_loop import TrainStep, compiled_forward, compiled_objective, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 PRECISIONS = ("fp32", "bf16+channels_last")
-COMPILED = "bf16+channels_last+compile_"  # + JobConfig.compile: "blocks" (each residual block) or "model"
+COMPILED = "bf16+channels_last+compile_"  # + "blocks" / "model" (JobConfig.compile) or "objective" (compile_objective)
 PROFILED = "bf16+channels_last"  # rows whose precision starts so are also profiled into profile.txt
 GRACE_S = 60.0  # the training process is killed only this long after its budget
 
@@ -101,7 +101,9 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     opt = make_optimizer(model, job.optimizer, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)
     batches = WaitClock(endless(loaders.get(job, batch)))
-    forward = compiled_forward(model, precision.removeprefix(COMPILED) if precision.startswith(COMPILED) else "off")
+    mode = precision.removeprefix(COMPILED) if precision.startswith(COMPILED) else "off"
+    forward = compiled_forward(model, "off" if mode == "objective" else mode)
+    objective = compiled_objective(objective, mode == "objective")  # JobConfig.compile_objective
     train_step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                            bf16=cl, channels_last=cl)  # the step of train_worker
 
@@ -344,9 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=None, help="training run wall-clock seconds (330: with the "
                    "throughput rows and the evaluation, ~8 of the 10 minutes a command gets; dry 20)")
     p.add_argument("--train-set", action="append", default=[], help="extra --set for the training run")
-    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "model"),
+    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "model", "objective"),
                    help="add a torch.compile row of the first spec: blocks (each residual block; -3%% kernel time on "
-                   "an H200, bench/results/gpu/2026-11-26_h200_blocks) or model (the whole forward, unmeasured)")
+                   "an H200, bench/results/gpu/2026-11-26_h200_blocks), model (the whole forward) or objective "
+                   "(compile_objective: the loss; 3.8-4.7x on CPU, bench/objective_compile.py); the last two unmeasured")
     p.add_argument("--variants", action="store_true", help="after the rows: the model's forward+backward with each "
                    "implementation detail swapped back (bench/model_variants.py), interleaved, into throughput.md")
     p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds for the compiled row, compile "
@@ -428,7 +431,9 @@ def main(argv: list[str] | None = None) -> None:
         loaders.close()
         train_spec = args.train_spec or specs[0]
         summary["train_compile"] = train_compile_mode(rows, train_spec)
-        if summary["train_compile"] != "off":
+        if summary["train_compile"] == "objective":
+            args.train_set = [*args.train_set, "compile_objective=true"]
+        elif summary["train_compile"] != "off":
             args.train_set = [*args.train_set, f"compile={summary['train_compile']}"]
         summary["train"] = timed_training(train_spec, manifest, args, device, args.out)
         t = summary["train"]

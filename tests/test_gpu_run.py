@@ -81,6 +81,20 @@ def test_the_timed_run_compiles_only_as_the_fastest_row_did() -> None:
     assert gpu_run.train_compile_mode(rows(**{eager: 400.0, model: 390.0}), "300w_star") == "off"
     assert gpu_run.train_compile_mode([{"spec": "300w_star", "precision": model, "error": "not done"}],
                                       "300w_star") == "off"  # a timed-out compile row never wins
+    objective = "bf16+channels_last+compile_objective"
+    assert gpu_run.train_compile_mode(rows(**{eager: 400.0, model: 390.0, objective: 430.0}), "300w_star") == "objective"
+
+
+def test_the_compiled_objective_row_runs(small_300w: Path, tmp_path: Path) -> None:
+    """``--compile objective`` runs on CUDA only; its row (``--case``, as ``compiled_case`` starts it) is
+    checked here on CPU so that a GPU window never finds it broken: the loss compiles and the row is timed."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--dry-run", "--data", str(small_300w),
+                           "--case", "tiny:bf16+channels_last+compile_objective", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = json.loads((out / "case.json").read_text())
+    assert "error" not in row and row["precision"].endswith("compile_objective") and row["images_per_s"] > 0
 
 
 def test_train_only_brings_the_model_back_within_eight_files(small_300w: Path, tmp_path: Path) -> None:
