@@ -3,7 +3,8 @@
 Each variant is the same function with the same weights (the bench checks the outputs agree): today's
 code (``current``) against the implementation it replaced, e.g. ``coordconv_concat`` (one convolution over
 the concatenation [x, coordinate channels], method.md 3.4 as written) against the split CoordConv, whose
-coordinate share is computed once per forward. Rounds interleave the variants (A B, B A, ...) so that a
+coordinate share is computed once per forward, and (CUDA only) ``fp32_eager``, the same model in fp32 and
+NCHW against the bf16 + channels_last fast path. Rounds interleave the variants (A B, B A, ...) so that a
 drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
 
 Only the model's forward and backward are timed (a fixed random input and a fixed weighting of every
@@ -36,13 +37,13 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 @contextlib.contextmanager
-def current() -> Iterator[None]:
+def current(step: ModelStep | None) -> Iterator[None]:
     """Today's code."""
     yield
 
 
 @contextlib.contextmanager
-def coordconv_concat() -> Iterator[None]:
+def coordconv_concat(step: ModelStep | None) -> Iterator[None]:
     """CoordConv as one convolution over the concatenation (before 2026-11-27 in training too)."""
     forward = CoordConv.forward
     CoordConv.forward = CoordConv.reference  # type: ignore[method-assign]
@@ -52,8 +53,26 @@ def coordconv_concat() -> Iterator[None]:
         CoordConv.forward = forward  # type: ignore[method-assign]
 
 
-VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "current": current, "coordconv_concat": coordconv_concat}
+@contextlib.contextmanager
+def fp32_eager(step: ModelStep | None) -> Iterator[None]:
+    """The same model in fp32 and the default (NCHW) layout, the issue's baseline for "bf16 at least 2x fp32"
+    (CUDA only). Interleaved with the bf16 rounds, the ratio does not depend on when each ran."""
+    if step is None:  # the float64 agreement check: the same function
+        yield
+        return
+    step.bf16 = False
+    step.model.to(memory_format=torch.contiguous_format)
+    x, step.x = step.x, step.x.contiguous()
+    try:
+        yield
+    finally:
+        step.bf16, step.x = True, x
+        step.model.to(memory_format=torch.channels_last)
+
+
+VARIANTS: dict[str, Callable[[ModelStep | None], contextlib.AbstractContextManager[None]]] = {
+    "current": current, "coordconv_concat": coordconv_concat, "fp32_eager": fp32_eager}
+CUDA_ONLY = ("fp32_eager",)  # on CPU the step is fp32 already
 
 
 def sync(device: torch.device) -> None:
@@ -114,7 +133,7 @@ def differences(job: JobConfig, names: list[str]) -> tuple[dict[str, float], flo
     x = torch.randn(2, 3, s, s, dtype=torch.float64)
     outs: dict[str, torch.Tensor] = {}
     for name in names:
-        with VARIANTS[name](), torch.no_grad():
+        with VARIANTS[name](None), torch.no_grad():
             outs[name] = torch.stack([o.fused for o in model(x)])
     ref = outs[names[0]]
     return {n: float((o - ref).abs().max()) for n, o in outs.items()}, float(ref.abs().max())
@@ -124,17 +143,18 @@ def compare(job: JobConfig, names: list[str], batch: int, rounds: int, steps: in
             device: torch.device) -> list[dict[str, Any]]:
     """One row per variant: median seconds per step over ``rounds`` interleaved rounds of ``steps`` steps, the
     ratio to the first variant's median, and the largest output difference from the first variant."""
+    names = [n for n in names if device.type == "cuda" or n not in CUDA_ONLY]
     diffs, scale = differences(job, names)
     step = ModelStep(job, batch, device)
     for name in names:
-        with VARIANTS[name]():
+        with VARIANTS[name](step):
             for _ in range(warmup):  # cudnn autotuning for this variant's shapes
                 step()
             sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            with VARIANTS[name]():
+            with VARIANTS[name](step):
                 times[name].append(timed(step, steps))
     base = statistics.median(times[names[0]])
     return [{"variant": n, "batch": batch, "device": str(device), "s_per_step": statistics.median(t),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,23 @@ def test_train_only_brings_the_model_back_within_eight_files(small_300w: Path, t
     model = join(parts, tmp_path / "model")
     nme = evaluate_model(Predictor.from_dir(model, device="cpu"), small_300w, "test", tmp_path / "eval")["nme"]
     assert abs(nme - summary["train"]["eval"]["nme"]) < 1e-4
+
+
+def test_the_fp32_variant_switches_precision_and_layout_and_restores_them() -> None:
+    """bench/model_variants.py's ``fp32_eager`` (run on CUDA only) turns the fast path's bf16 + channels_last
+    step into fp32 NCHW for its rounds and back afterwards, so the interleaved rounds after it are unchanged."""
+    from flare.bench.model_variants import JOBS, ModelStep, fp32_eager
+    from flare.platform.config import load_job
+
+    step = ModelStep(load_job(JOBS / "tiny.yaml", []), 2, torch.device("cpu"))
+    step.bf16 = True  # as on CUDA
+    step.model.to(memory_format=torch.channels_last)
+    step.x = step.x.contiguous(memory_format=torch.channels_last)
+    conv = step.model.hgs[0].up1.conv2.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    with fp32_eager(step):
+        assert not step.bf16 and step.x.is_contiguous()
+        assert step.model.hgs[0].up1.conv2.conv.weight.is_contiguous()
+        step()  # one fp32 step runs
+    assert step.bf16 and step.x.is_contiguous(memory_format=torch.channels_last)
+    assert step.model.hgs[0].up1.conv2.conv.weight.is_contiguous(memory_format=torch.channels_last)
