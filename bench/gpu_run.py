@@ -318,7 +318,7 @@ def variant_rows(spec: str, manifest: Manifest, args: argparse.Namespace, device
     job = load_job(JOBS / f"{spec}.yaml", [f"data.manifest={manifest.path}"])
     try:
         rows, text = measure(job, device, batch=args.batch or (2 if args.dry_run else None),
-                             rounds=2 if args.dry_run else 6)
+                             rounds=2 if args.dry_run else 4)
     except Exception as err:  # noqa: BLE001 - the window's other results must come back
         rows, text = [{"error": f"{type(err).__name__}: {err}"}], f"model variants failed: {type(err).__name__}: {err}\n"
     with (args.out / "throughput.md").open("a") as f:
