@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model
 from flare.platform.checkpoints import CheckpointWriter, host_copy, save_checkpoint
 from flare.platform.config import load_job
+from flare.platform.ema import Ema
 from flare.platform.train_loop import make_optimizer
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -35,7 +35,7 @@ def paper_state(device: torch.device) -> dict:
     job = load_job(JOBS / "300w_star.yaml", [])
     torch.manual_seed(0)
     model = build_model(job, get_layout("300w68")).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
+    ema = Ema(model, job.ema.decay)
     opt = make_optimizer(model, job.optimizer, device)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
     for p in model.parameters():

@@ -41,6 +41,7 @@ from flare.bench.step_timing import WARMUP_MAX_S, profile_steps, step_times, war
 from flare.datasets.ingest import BatchBuilder, Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
+from flare.platform.ema import Ema
 from flare.platform.local_loader import LocalLoader, WaitClock
 from flare.platform.train_loop import TrainStep, compiled_forward, compiled_objective, make_optimizer
 
@@ -87,8 +88,6 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
                warmup: int, steps: int, profile_to: Path | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``job`` on real batches (after ``warmup``); with ``profile_to``, then
     profile a few more (:func:`profile_steps`)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     layout = loaders.manifest.layout
     torch.manual_seed(job.seed)
     cl = precision.startswith("bf16+channels_last")
@@ -96,7 +95,7 @@ def throughput(job: JobConfig, precision: str, batch: int, loaders: Loaders, dev
     model = build_model(job, layout).to(device)
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
+    ema = Ema(model, job.ema.decay)
     objective = objective_from_config(job.objective).to(device)
     opt = make_optimizer(model, job.optimizer, device)
     gen = torch.Generator(device=device).manual_seed(job.seed)

@@ -1,7 +1,7 @@
 """Training throughput and peak memory of one full train step.
 
 A step is what ``flare.platform.train_loop.train_worker`` does per batch: forward, the job's objective (STAR,
-method.md 4.8), backward, Adam step and the EMA update (``AveragedModel`` + ``get_ema_multi_avg_fn``,
+method.md 4.8), backward, Adam step and the EMA update (``flare.platform.ema.Ema``,
 4.11), on synthetic tensors of the right shapes. Cases:
 
 - ``full``: the WFLW STAR recipe model (``jobs/wflw_star.yaml``: 98 points, 4 stacks, 256 ch, 256 px, AAM),
@@ -110,11 +110,10 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def run_case(case: Case) -> Result:
     """Build model, objective, Adam and EMA as the training loop does; time ``case.steps`` steps."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     from flare.models.layouts import get_layout
     from flare.platform.builders import build_model, objective_from_config
     from flare.platform.config import load_job
+    from flare.platform.ema import Ema
 
     base_mb = _rss_mb()
     device = torch.device(case.device)
@@ -130,7 +129,7 @@ def run_case(case: Case) -> Result:
         model = model.to(memory_format=torch.channels_last)
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     flops = forward_flops(model, batch["image"])
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
+    ema = Ema(model, job.ema.decay)
     opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, betas=tuple(job.optimizer.betas))
     model.train()
 

@@ -11,6 +11,7 @@ edges draw only a window of the 4x canvas around each group; point heatmaps are 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal
 
@@ -172,13 +173,21 @@ def _profile_torch(p: torch.Tensor, t: torch.Tensor, sigma: float, official_bord
     return g * ((t >= ul) & (t <= last))
 
 
+@functools.lru_cache(maxsize=32)
+def _device_taps(size: int, out: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`bilinear_taps` as tensors on ``device``, made once: a tensor built from host data every call is a
+    blocking host-to-device copy on CUDA, which waits for every kernel already launched."""
+    return tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in bilinear_taps(size, out))
+
+
 def point_heatmaps_torch(
     points: torch.Tensor, size: int = 256, out: int = 64, sigma: float = 1.5, official_border: bool = False
 ) -> torch.Tensor:
     """Batched :func:`point_heatmaps` on the tensor's device: (..., N, 2) crop px -> (..., N, out, out).
-    Computed in the points' float dtype (float32 for integer input); no host synchronisation."""
+    Computed in the points' float dtype (float32 for integer input); no host synchronisation (the resize taps
+    go to the device once per size, dtype and device: :func:`_device_taps`)."""
     dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    i0, i1, w = (torch.as_tensor(a, dtype=dtype, device=points.device) for a in bilinear_taps(size, out))
+    i0, i1, w = _device_taps(size, out, dtype, points.device)
     p = points.to(dtype).clamp(0.0, size - 1)[..., None]  # (..., N, 2, 1)
     prof = (1.0 - w) * _profile_torch(p, i0, sigma, official_border) + w * _profile_torch(
         p, i1, sigma, official_border

@@ -38,8 +38,8 @@ def grid_coordinates(h: int, w: int, device: torch.device | None = None,
 
 def normalised_to_heatmap_px(u: Tensor, h: int, w: int) -> Tensor:
     """Normalised label u (..., 2) -> heatmap px y_hm = (u + 1)(size - 1)/2 per axis (method.md 1.3, 5.6)."""
-    scale = u.new_tensor([(w - 1) / 2.0, (h - 1) / 2.0])
-    return (u + 1.0) * scale
+    # per-axis Python scalars, not a tensor made from a list: that would be a host-to-device copy every step
+    return torch.stack(((u[..., 0] + 1.0) * ((w - 1) / 2.0), (u[..., 1] + 1.0) * ((h - 1) / 2.0)), dim=-1)
 
 
 def margin_map(targets: Tensor, h: int, w: int, kind: str = "smoothl1", units: str = "normalised",

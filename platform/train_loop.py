@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flare.datasets.crop_prior import manifest_crop_prior
 from flare.datasets.ingest import (
@@ -50,6 +49,7 @@ from flare.platform.checkpoints import (
     save_checkpoint,
 )
 from flare.platform.config import JobConfig, OptimizerConfig, parse_job
+from flare.platform.ema import Ema
 from flare.platform.local_loader import LocalLoader, WaitClock
 from flare.platform.predictor import Predictor
 
@@ -106,7 +106,7 @@ class TrainStep:
     forward: Callable[[torch.Tensor], Any]  # the model, or its DDP / compiled wrapper
     objective: nn.Module
     opt: torch.optim.Optimizer
-    ema: AveragedModel
+    ema: Ema
     gen: torch.Generator
     input_size: int
     grad_clip: float | None = None
@@ -241,7 +241,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     fast = use_bf16 and device.type == "cuda"  # bf16 autocast + channels_last: the GPU fast path
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest kernels once
     model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(job.ema.decay), use_buffers=True)
+    ema = Ema(model, job.ema.decay)
     objective = compiled_objective(objective_from_config(job.objective).to(device), job.compile_objective)
     opt = make_optimizer(model, job.optimizer, device)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
