@@ -218,6 +218,9 @@ def timed_training(spec: str, manifest: Manifest, args: argparse.Namespace, devi
         rates = sorted(r["images_per_s"] for r in later)
         summary["sustained"] = {"images_per_s_median": rates[len(rates) // 2], "images_per_s_min": rates[0],
                                 "data_wait_max": max(r["data_wait"] for r in later), "epochs": len(later)}
+    if rows and "first_batch_s" in rows[0]:  # where the first epoch's extra time goes
+        first = rows[0]
+        summary["first_epoch_s"] = {k: first.get(k) for k in ("epoch_time_s", "first_batch_s", "val_s", "checkpoint_s")}
     if later and all("val_s" in r for r in later):
         summary["epoch_mean_s"] = {k: sum(r[k] for r in later) / len(later)
                                    for k in ("epoch_time_s", "val_s", "checkpoint_s")}
@@ -443,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
             u = t["sustained"]
             print(f"  sustained over epochs 2-{u['epochs'] + 1}: {u['images_per_s_median']:.0f} images/s (median; "
                   f"min {u['images_per_s_min']:.0f}), data wait at most {u['data_wait_max']:.1%}", flush=True)
+        if "first_epoch_s" in t:
+            f = t["first_epoch_s"]
+            print(f"  the first epoch: {f['epoch_time_s']:.1f} s, of which waiting for its first batch (loader start) "
+                  f"{f['first_batch_s']:.1f} s and validation {f['val_s']:.1f} s", flush=True)
         if "epoch_mean_s" in t:
             e = t["epoch_mean_s"]
             print(f"  an epoch after the first: {e['epoch_time_s']:.2f} s, of which validation {e['val_s']:.2f} s and "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 WARMUP_MAX_S, WARMUP_CHUNK, WARMUP_TOLERANCE = 90.0, 4, 0.05  # warm_up()
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # the host blocks on the GPU
 
 
 def sync(device: torch.device) -> None:
@@ -82,13 +83,16 @@ def profile_steps(step: Any, device: torch.device, path: Path, title: str, steps
     events = prof.key_averages()
     kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    # the host waiting for the device inside the steps (the final sync(device) above is ours, not the step's)
+    waits = sum(e.count for e in events if e.key in SYNC_CALLS) - (device.type == "cuda")
     gpu_busy = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e6 / steps
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with path.open("a") as f:
         f.write(f"== {title}: {wall * 1000:.1f} ms/step wall, GPU kernels busy {gpu_busy * 1000:.1f} ms/step, "
-                f"{launches / steps:.0f} kernel launches/step ==\n")
+                f"{launches / steps:.0f} kernel launches/step, {waits / steps:.1f} host waits/step ==\n")
         f.write(events.table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60) + "\n")
         shaped = prof.key_averages(group_by_input_shape=True)  # which tensors the copies and adds move
         f.write(shaped.table(sort_by=sort, row_limit=25, max_name_column_width=40, max_shapes_column_width=70) + "\n")
-    return {"wall_ms": wall * 1000, "gpu_busy_ms": gpu_busy * 1000, "launches_per_step": launches / steps}
+    return {"wall_ms": wall * 1000, "gpu_busy_ms": gpu_busy * 1000, "launches_per_step": launches / steps,
+            "host_waits_per_step": waits / steps}

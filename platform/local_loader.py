@@ -162,10 +162,11 @@ class LocalLoader:
 
 
 class WaitClock:
-    """Iterates ``items`` and sums the wall seconds spent in ``next()`` (the step waiting for data)."""
+    """Iterates ``items`` and sums the wall seconds spent in ``next()`` (the step waiting for data);
+    ``first`` is the wait for the first item alone (loader start-up in a run's first epoch)."""
 
     def __init__(self, items: Iterator[Any]) -> None:
-        self.items, self.seconds = iter(items), 0.0
+        self.items, self.seconds, self.first = iter(items), 0.0, None
 
     def __iter__(self) -> Self:
         return self
@@ -175,4 +176,6 @@ class WaitClock:
         try:
             return next(self.items)
         finally:
-            self.seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.seconds += waited
+            self.first = waited if self.first is None else self.first

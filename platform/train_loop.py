@@ -279,7 +279,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
             elapsed = time.perf_counter() - t0
             metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
                                        "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9),
-                                       "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0)}
+                                       "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0),
+                                       "first_batch_s": batches.first or 0.0}
             if session.rank == 0:
                 models = {"val_raw": model, **({"val_ema": ema.module} if job.ema.enabled else {})}
                 metrics.update(validate(models, val_crops, job, layout, device))

@@ -32,6 +32,7 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
         assert r["train_flops_per_image"] > 1e8  # the tiny model at 64 px: ~0.2 GFLOP forward
         assert r["warmup_steps"] >= 1 and r["step_s_first_third"] > 0 and r["step_s_last_third"] > 0
     assert "profile" not in rows[0] and rows[1]["profile"]["wall_ms"] > 0  # the bf16 row is profiled
+    assert rows[1]["profile"]["host_waits_per_step"] == 0  # no CUDA calls on CPU
     assert "ms/step wall" in (out / "profile.txt").read_text()
     assert (out / "throughput.md").read_text().count("| tiny |") == 2
     variants = {r["variant"]: r for r in summary["variants"]}  # --variants: the A/B of bench/model_variants.py
@@ -50,6 +51,7 @@ def test_dry_run_writes_every_output(small_300w: Path, tmp_path: Path) -> None:
     later = epochs[1:] or epochs  # the figures quoted from a window: epochs after the first
     assert train["sustained"]["images_per_s_median"] in [e["images_per_s"] for e in later]
     assert abs(train["epoch_mean_s"]["checkpoint_s"] - sum(e["checkpoint_s"] for e in later) / len(later)) < 1e-9
+    assert train["first_epoch_s"]["first_batch_s"] == epochs[0]["first_batch_s"] >= 0.0
     test = train["eval"]
     assert test["count"] == 224 and test["subsets"]["common"]["count"] == 224 and train["eval"]["checkpoint"].startswith("epoch_")
     assert (out / "train_log.txt").exists() and "training tiny" in (out / "gpu_run.log").read_text()

@@ -89,6 +89,9 @@ def test_local_training_with_workers_reports_data_wait(synth: Manifest, tmp_path
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
         assert 0.0 <= r["data_wait"] <= 1.0 and r["images_per_s"] > 0
+        assert 0.0 <= r["first_batch_s"] <= r["data_wait"] * r["epoch_time_s"] + 1e-6
+    # epoch 0 waits for the workers to start; epoch 1's batches were built while epoch 0 trained
+    assert rows[0]["first_batch_s"] > rows[1]["first_batch_s"]
     assert session.loader is not None and session.loader.loader is None  # workers stopped at the end
 
 
