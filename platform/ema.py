@@ -24,7 +24,6 @@ class Ema(AveragedModel):
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.decay = decay
         self._updates: int | None = None  # a host mirror of n_averaged, read once after init or load
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -51,5 +50,5 @@ class Ema(AveragedModel):
                 groups[a.device, a.dtype][1].append(b.to(a.device))
             for a_list, b_list in groups.values():
                 self.multi_avg_fn(a_list, b_list, self.n_averaged)  # the EMA function ignores the count
-        self.n_averaged += 1  # stays where it is (CPU): no transfer
+        self.n_averaged += 1  # in place, where it lives (the CPU): no transfer
         self._updates += 1
