@@ -149,9 +149,12 @@ class ValCrops:
 
 
 def validate(models: dict[str, nn.Module], crops: Iterable[dict[str, torch.Tensor]], job: JobConfig,
-             layout: Layout, device: torch.device) -> dict[str, float]:
+             layout: Layout, device: torch.device, bf16: bool = False) -> dict[str, float]:
     """NME/FR/AUC on the validation split for every model (``{"val_raw": model, "val_ema": ...}``) and every
-    decoder compared (method.md 9.6; rank 0 only); each batch of ``crops`` goes to the device once."""
+    decoder compared (method.md 9.6; rank 0 only); each batch of ``crops`` goes to the device once. ``bf16``
+    (the CUDA fast path): the forward runs as training does, bf16 autocast on channels_last input (as timm
+    validates AMP runs), so it reuses the training's cudnn choices; the maps are decoded in fp32, and the test
+    split (``flare eval``) stays fp32."""
     decoders = decoders_for(job.objective.name, job.decode)
     predictors = {prefix: Predictor.from_job(m, job, layout, decoders[0], device=device) for prefix, m in models.items()}
     preds: dict[tuple[str, str], list[np.ndarray]] = {(p, d): [] for p in models for d in decoders}
@@ -162,8 +165,10 @@ def validate(models: dict[str, nn.Module], crops: Iterable[dict[str, torch.Tenso
         gts.append(batch["landmarks_original"].double().numpy())
         to_original = batch["to_original"].double().numpy()
         image = image_from_uint8(batch["image"].to(device, non_blocking=True))
+        image = image.contiguous(memory_format=torch.channels_last) if bf16 else image
         for prefix, predictor in predictors.items():
-            with torch.compiler.set_stance("force_eager"):  # compiled blocks (compile: blocks) stay eager here
+            # compiled blocks (compile: blocks) stay eager here
+            with torch.compiler.set_stance("force_eager"), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 heat = predictor.heatmaps(image)
             for d in decoders:
                 preds[prefix, d].append(apply_affine(predictor.decode(heat, d), to_original))
@@ -283,7 +288,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
                                        "first_batch_s": batches.first or 0.0}
             if session.rank == 0:
                 models = {"val_raw": model, **({"val_ema": ema.module} if job.ema.enabled else {})}
-                metrics.update(validate(models, val_crops, job, layout, device))
+                metrics.update(validate(models, val_crops, job, layout, device, bf16=fast))
                 metrics.update(select_best(metrics, job))
                 metrics["val_s"] = time.perf_counter() - t0 - elapsed
                 best = min(best, metrics[VAL_METRIC])
