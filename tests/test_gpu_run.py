@@ -143,3 +143,24 @@ def test_the_fp32_variant_switches_precision_and_layout_and_restores_them() -> N
         step()  # one fp32 step runs
     assert step.bf16 and step.x.is_contiguous(memory_format=torch.channels_last)
     assert step.model.hgs[0].up1.conv2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_throughput_rows_count_the_images_of_the_epochs_short_last_batch(small_300w: Path) -> None:
+    """A row's images/s counts the images it trained on: with 20 training faces in batches of 8, every epoch
+    is 8 + 8 + 4, so any 3 consecutive timed steps hold 20 images, not 3 x 8."""
+    import importlib.util
+
+    from flare.datasets.ingest import load_manifest
+
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "bench" / "gpu_run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_run)
+    manifest = load_manifest(small_300w)
+    job = gpu_run.load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={manifest.path}", "data.max_train_samples=20"])
+    loaders = gpu_run.Loaders(manifest, workers=0, pin=False)
+    try:
+        row = gpu_run.throughput(job, "fp32", 8, loaders, torch.device("cpu"), warmup=1, steps=3)
+    finally:
+        loaders.close()
+    assert row["images"] == 20
+    assert abs(row["images_per_s"] * row["step_s"] * 3 - 20) < 1e-6
