@@ -176,8 +176,10 @@ def _profile_torch(p: torch.Tensor, t: torch.Tensor, sigma: float, official_bord
 @functools.lru_cache(maxsize=32)
 def _device_taps(size: int, out: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     """:func:`bilinear_taps` as tensors on ``device``, made once: a tensor built from host data every call is a
-    blocking host-to-device copy on CUDA, which waits for every kernel already launched."""
-    return tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in bilinear_taps(size, out))
+    blocking host-to-device copy on CUDA, which waits for every kernel already launched. Made outside inference
+    mode even when first asked inside it, so that later training steps may use them."""
+    with torch.inference_mode(False):
+        return tuple(torch.as_tensor(a, dtype=dtype, device=device) for a in bilinear_taps(size, out))
 
 
 def point_heatmaps_torch(

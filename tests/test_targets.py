@@ -250,3 +250,19 @@ def test_fit_curve_density_and_fallbacks() -> None:
     hm = edge_heatmaps(np.array([[10.0, 10.0], [10.0, 10.0], [100.0, 10.0], [100.0, 10.0]]), line_layout(4))
     row = round(10.5 / 4 - 0.5)
     assert hm[0, row, 5:23].min() > 0.05  # the polyline fallback is drawn
+
+
+def test_point_heatmap_taps_are_made_once_and_never_as_inference_tensors() -> None:
+    """The resize taps are cached per size, dtype and device (no host-to-device copy per step) and stay usable by
+    training even when the first call ran under ``torch.inference_mode``."""
+    from flare.datasets.targets import _device_taps, point_heatmaps_torch
+
+    _device_taps.cache_clear()
+    pts = torch.tensor([[[10.0, 20.0], [100.5, 3.25]]])
+    with torch.inference_mode():
+        first = point_heatmaps_torch(pts, size=128, out=32)
+    taps = _device_taps(128, 32, torch.float32, pts.device)
+    assert not any(t.is_inference() for t in taps)
+    again = point_heatmaps_torch(pts, size=128, out=32)
+    assert _device_taps.cache_info().hits >= 2 and _device_taps.cache_info().misses == 1
+    assert torch.equal(first, again) and again.shape == (1, 2, 32, 32)
