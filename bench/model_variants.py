@@ -60,13 +60,13 @@ def fp32_eager(step: ModelStep | None) -> Iterator[None]:
     if step is None:  # the float64 agreement check: the same function
         yield
         return
-    step.bf16 = False
+    bf16, x = step.bf16, step.x
+    step.bf16, step.x = False, x.contiguous()
     step.model.to(memory_format=torch.contiguous_format)
-    x, step.x = step.x, step.x.contiguous()
     try:
         yield
     finally:
-        step.bf16, step.x = True, x
+        step.bf16, step.x = bf16, x
         step.model.to(memory_format=torch.channels_last)
 
 
