@@ -184,7 +184,11 @@ def validate(models: dict[str, nn.Module], crops: Iterable[dict[str, torch.Tenso
 
 
 def fault_hook(epoch: int, rank: int) -> None:
-    """Test-only: raise once at ``FLARE_TEST_FAULT_EPOCH`` on the last rank, remembered by a marker file."""
+    """Test-only: raise once in epoch ``FLARE_TEST_FAULT_EPOCH``, remembered by a marker file. Called after the
+    epoch's first step: with several workers, DDP's all-reduce in that step waits for every rank, so every rank
+    has reported the previous epoch (rank 0 with its checkpoint) before the fault; raised at the epoch's start,
+    the fault could reach Ray's controller before rank 0's report and checkpoint, and the run restarted from
+    scratch (seen once in CI)."""
     at, marker = os.environ.get("FLARE_TEST_FAULT_EPOCH"), os.environ.get("FLARE_TEST_FAULT_MARKER")
     if at is None or marker is None or int(at) != epoch or Path(marker).exists():
         return
@@ -274,11 +278,12 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     epoch, going = start_epoch, start_epoch < plan.epochs
     try:
         while going:
-            fault_hook(epoch, session.rank)
             stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
             batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
-            for host in batches:
+            for i, host in enumerate(batches):
                 stats.add(step(host), len(host["image"]))
+                if i == 0:
+                    fault_hook(epoch, session.rank)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             elapsed = time.perf_counter() - t0
