@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from flare.bench.step_timing import sync
 from flare.models.hourglass import CoordConv
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model
@@ -73,11 +74,6 @@ def fp32_eager(step: ModelStep | None) -> Iterator[None]:
 VARIANTS: dict[str, Callable[[ModelStep | None], contextlib.AbstractContextManager[None]]] = {
     "current": current, "coordconv_concat": coordconv_concat, "fp32_eager": fp32_eager}
 CUDA_ONLY = ("fp32_eager",)  # on CPU the step is fp32 already
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ModelStep:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flare.bench.step_timing import sync
 from flare.datasets.targets import point_heatmaps_torch
 from flare.models.decode import label_to_crop
 from flare.models.hourglass import StackOutput
@@ -65,11 +66,6 @@ def run(objective: nn.Module, outputs: list[StackOutput], batch: dict[str, Tenso
     total, _ = objective(outputs, batch, torch.Generator(device=device).manual_seed(seed))
     total.backward()
     return total.detach(), [t.grad.clone() for t in leaves(outputs)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_s(objective: nn.Module, outputs: list[StackOutput], batch: dict[str, Tensor], reps: int) -> float:
