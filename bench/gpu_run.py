@@ -69,13 +69,13 @@ class Loaders:
         self.open: dict[tuple, LocalLoader] = {}
 
     def get(self, job: JobConfig, batch: int) -> LocalLoader:
-        key = (job.data.input_size, job.data.augment, job.seed, batch, job.data.max_train_samples)
+        key = (job.data.input_size, job.data.augment, job.seed, batch, job.data.max_train_samples, job.data.drop_last)
         if key not in self.open:
             builder = BatchBuilder(self.manifest.layout, job.data.input_size, augment=job.data.augment, seed=job.seed,
                                    compact=True)
             self.open[key] = LocalLoader(self.manifest, job.data.train_split, batch, builder, workers=self.workers,
                                          limit=job.data.max_train_samples, shuffle_base=job.seed * 100003,
-                                         pin_memory=self.pin)
+                                         pin_memory=self.pin, drop_last=job.data.drop_last)
         return self.open[key]
 
     def close(self) -> None:

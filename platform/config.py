@@ -39,6 +39,9 @@ class DataConfig(_Section):
     loader_workers: int = Field(0, ge=0, le=64, description="processes (--no-ray) or Ray Data actors per worker "
                                 "(Ray, 1 CPU each) building training batches ahead of the step (0: in the "
                                 "training process); batches do not depend on it")
+    drop_last: bool = Field(False, description="train on full batches only: each epoch leaves out its smaller "
+                            "remainder (as the official code's multi-GPU loader does); every step then has one "
+                            "shape (one set of cudnn choices, one compiled graph)")
 
 
 class ModelConfig(_Section):

@@ -44,21 +44,31 @@ def split_rows(manifest: Manifest, split: str, limit: int | None) -> int:
     return total if limit is None else min(limit, total)
 
 
+def batch_count(rows: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one epoch of ``rows``: the full ``batch_size`` slices, plus the smaller remainder unless
+    ``drop_last`` (``data.drop_last``)."""
+    return rows // batch_size if drop_last else math.ceil(rows / batch_size)
+
+
 class ShardBatches(Dataset):
     """Map-style dataset of whole batches: ``dataset[(epoch, i)]`` is the builder's output for the
-    ``i``-th ``batch_size`` slice of epoch ``epoch``'s row order. The table is read lazily, once per
-    process, and never pickled."""
+    ``i``-th ``batch_size`` slice of epoch ``epoch``'s row order (full slices only with ``drop_last``). The
+    table is read lazily, once per process, and never pickled."""
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder,
-                 limit: int | None = None, shuffle_base: int | None = None) -> None:
+                 limit: int | None = None, shuffle_base: int | None = None, drop_last: bool = False) -> None:
         self.paths = [str(p) for p in manifest.shard_paths(split)]
         self.batch_size, self.builder, self.shuffle_base = batch_size, builder, shuffle_base
         self.n = split_rows(manifest, split, limit)
+        self.drop_last = drop_last
+        if drop_last and self.n < batch_size:
+            raise ValueError(f"data.drop_last: split {split!r} of {manifest.path} has {self.n} rows, fewer than "
+                             f"one batch of {batch_size}")
         self._table: pa.Table | None = None
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return batch_count(self.n, self.batch_size, self.drop_last)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_table": None, "_order": None}
@@ -108,8 +118,9 @@ class LocalLoader:
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder, *,
                  workers: int = 0, limit: int | None = None, shuffle_base: int | None = None,
-                 pin_memory: bool = False, prefetch: int = 2, context: str = "forkserver") -> None:
-        self.dataset = ShardBatches(manifest, split, batch_size, builder, limit, shuffle_base)
+                 pin_memory: bool = False, prefetch: int = 2, context: str = "forkserver",
+                 drop_last: bool = False) -> None:
+        self.dataset = ShardBatches(manifest, split, batch_size, builder, limit, shuffle_base, drop_last)
         self.sampler = EpochSampler(len(self.dataset))
         self.workers = workers
         self.loader: DataLoader | None = DataLoader(
@@ -117,6 +128,9 @@ class LocalLoader:
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
             pin_memory=pin_memory, worker_init_fn=_init_worker if workers > 0 else None,
             multiprocessing_context=context if workers > 0 else None,
+            # its own generator: starting the workers (their base seed) never draws from torch's global one, so
+            # the model's initial weights do not depend on when, or whether, the loader starts
+            generator=torch.Generator().manual_seed(0),
         )
         self.stream: Iterator[dict[str, torch.Tensor]] | None = None
         self.next_key: BatchKey | None = None  # the key of the batch the stream yields next

@@ -64,8 +64,9 @@ class RankBatches:
     """The training batches of one rank, epoch after epoch (built here, or streamed from Ray Data actors)."""
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, builder: BatchBuilder, rank: int,
-                 world_size: int, *, limit: int | None, shuffle_base: int, actors: int, last_epoch: int) -> None:
-        self.batches = ShardBatches(manifest, split, batch_size, builder, limit, shuffle_base)
+                 world_size: int, *, limit: int | None, shuffle_base: int, actors: int, last_epoch: int,
+                 drop_last: bool = False) -> None:
+        self.batches = ShardBatches(manifest, split, batch_size, builder, limit, shuffle_base, drop_last)
         self.rank, self.world_size, self.actors, self.last_epoch = rank, world_size, actors, last_epoch
         self.stream: Iterator[tuple[BatchKey, dict[str, torch.Tensor]]] | None = None
 

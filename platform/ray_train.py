@@ -30,6 +30,7 @@ from flare.platform.checkpoints import (
     selected_weights,
 )
 from flare.platform.config import ConfigError, JobConfig
+from flare.platform.local_loader import split_rows
 from flare.platform.progress import EpochPrinter
 from flare.platform.ray_batches import ACTOR_CPUS, RankBatches
 from flare.platform.storage import check_storage, join, local_dir, newest_checkpoint, resolve_storage
@@ -66,7 +67,8 @@ class RaySession:
             self.batches = RankBatches(
                 self.manifest, self.job.data.train_split, batch_size, builder, self.rank, self.world_size,
                 limit=self.job.data.max_train_samples, shuffle_base=self.job.seed * 100003,
-                actors=self.job.data.loader_workers, last_epoch=self.job.optimizer.epochs - 1)
+                actors=self.job.data.loader_workers, last_epoch=self.job.optimizer.epochs - 1,
+                drop_last=self.job.data.drop_last)
         return self.batches.epoch(epoch)
 
     def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
@@ -211,6 +213,11 @@ def check_job(job: JobConfig) -> Manifest:
                           f"{job.heatmap_activation!r}")
     if job.objective.name != "rwsa" and job.heatmap_activation == "none":
         raise ConfigError(f"model.heatmap_activation: {job.objective.name} needs non-negative maps ('in_relu')")
+    if job.data.drop_last:
+        rows = split_rows(manifest, job.data.train_split, job.data.max_train_samples)
+        if rows < job.optimizer.batch_size:
+            raise ConfigError(f"data.drop_last: the {job.data.train_split!r} split of {manifest.path} has {rows} "
+                              f"faces, fewer than one batch of {job.optimizer.batch_size}: no step would run")
     k = manifest.data.get("options", {}).get("smoothing_k")
     if k is not None and job.objective.name == "rwsa" and k != job.objective.smoothing.k:
         raise ConfigError(f"objective.smoothing.k={job.objective.smoothing.k} but {manifest.path} was prepared "

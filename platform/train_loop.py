@@ -50,7 +50,7 @@ from flare.platform.checkpoints import (
 )
 from flare.platform.config import JobConfig, OptimizerConfig, parse_job
 from flare.platform.ema import Ema
-from flare.platform.local_loader import LocalLoader, WaitClock
+from flare.platform.local_loader import LocalLoader, WaitClock, batch_count
 from flare.platform.predictor import Predictor
 
 VAL_METRIC = "val_nme"
@@ -249,27 +249,30 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     use_bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
     fast = use_bf16 and device.type == "cuda"  # bf16 autocast + channels_last: the GPU fast path
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest kernels once
+    with session.restored() as restore:
+        state = load_checkpoint(restore, map_location=device)[0] if restore is not None else None
+    start_epoch = int(state["epoch"]) + 1 if state is not None else 0
+    per_worker = job.optimizer.batch_size // session.world_size
+    # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
+    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True)
+    # asked for now, so that loader workers (--no-ray) start and build the first batches while the model is built
+    first_batches = session.train_batches(start_epoch, per_worker, builder) if start_epoch < job.optimizer.epochs else None
     model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
     ema = Ema(model, job.ema.decay)
     objective = compiled_objective(objective_from_config(job.objective).to(device), job.compile_objective)
     opt = make_optimizer(model, job.optimizer, device)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, job.optimizer.milestones, gamma=job.optimizer.gamma)
-    start_epoch, best = 0, math.inf
-    with session.restored() as restore:
-        state = load_checkpoint(restore, map_location=device)[0] if restore is not None else None
+    best = math.inf
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])  # restores last_epoch: never stepped twice
-        start_epoch, best = int(state["epoch"]) + 1, float(state.get("best", math.inf))
+        best = float(state.get("best", math.inf))
     plan = BudgetPlan(job.optimizer.epochs, job.optimizer.milestones, job.optimizer.time_budget_s,
                       current=sorted(sched.milestones.elements()))
     ddp_model = session.prepare_model(model)
     forward = compiled_forward(ddp_model, job.compile)
-    per_worker = job.optimizer.batch_size // session.world_size
-    # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
-    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True)
     gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + session.rank)
     step = TrainStep(model, forward, objective, opt, ema, gen, job.data.input_size, job.optimizer.grad_clip,
                      bf16=use_bf16, channels_last=fast)
@@ -279,7 +282,9 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     try:
         while going:
             stats, t0, wall0 = EpochStats(), time.perf_counter(), time.time()
-            batches = WaitClock(iter(session.train_batches(epoch, per_worker, builder)))
+            if first_batches is None:
+                first_batches = session.train_batches(epoch, per_worker, builder)
+            batches, first_batches = WaitClock(iter(first_batches)), None
             for i, host in enumerate(batches):
                 stats.add(step(host), len(host["image"]))
                 if i == 0:
@@ -288,6 +293,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
             sched.step()
             elapsed = time.perf_counter() - t0
             metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, **stats.means(),
+                                       "train_images": stats.images * session.world_size,
                                        "images_per_s": stats.images * session.world_size / max(elapsed, 1e-9),
                                        "data_wait": min(batches.seconds / max(elapsed, 1e-9), 1.0),
                                        "first_batch_s": batches.first or 0.0}
@@ -401,7 +407,8 @@ class LocalSession:
             if self.loader is None:
                 self.loader = LocalLoader(self.manifest, self.job.data.train_split, batch_size, builder,
                                           workers=workers, limit=self.job.data.max_train_samples,
-                                          shuffle_base=self.job.seed * 100003, pin_memory=self.device.type == "cuda")
+                                          shuffle_base=self.job.seed * 100003, pin_memory=self.device.type == "cuda",
+                                          drop_last=self.job.data.drop_last)
             batches = self.loader.epoch(epoch)
         if not sys.stderr.isatty():
             return batches
@@ -409,7 +416,7 @@ class LocalSession:
 
         n = self.manifest.count(self.job.data.train_split)
         n = min(n, self.job.data.max_train_samples or n)
-        return iter(tqdm(batches, total=math.ceil(n / batch_size), desc=f"epoch {epoch + 1}", unit="batch",
+        return iter(tqdm(batches, total=batch_count(n, batch_size, self.job.data.drop_last), desc=f"epoch {epoch + 1}", unit="batch",
                          leave=False, dynamic_ncols=True))
 
     def prune(self, latest: str) -> None:
@@ -428,7 +435,8 @@ class LocalSession:
 
     def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
         return iter_local_rows(self.manifest, self.job.data.train_split, batch_size,
-                               self.job.data.max_train_samples, shuffle_seed=self.job.seed * 100003 + epoch)
+                               self.job.data.max_train_samples, shuffle_seed=self.job.seed * 100003 + epoch,
+                               drop_last=self.job.data.drop_last)
 
     def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
         return iter_local_rows(self.manifest, self.job.data.val_split, batch_size, self.job.data.max_val_samples)

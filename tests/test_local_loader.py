@@ -117,3 +117,89 @@ def test_checkpoints_cross_file_systems(synth: Manifest, tmp_path: Path, monkeyp
         assert list(scratch.iterdir()) == []  # the scratch copies are gone
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sample_ids(manifest: Manifest, epoch: int, drop_last: bool) -> list[list[str]]:
+    rows = iter_local_rows(manifest, "train", BATCH, shuffle_seed=SEED * 100003 + epoch, drop_last=drop_last)
+    return [[r["sample_id"] for r in batch] for batch in rows]
+
+
+def test_drop_last_trains_full_batches_only(synth: Manifest) -> None:
+    """``data.drop_last``: every batch is full and the same whoever builds it (in process, worker processes,
+    the rows path of ``loader_workers: 0``); they are the epoch's batches without its remainder, and which
+    faces are left out changes with the epoch."""
+    n = synth.count("train")
+    assert n % BATCH, "the fixture needs a remainder to drop"
+    builder = BatchBuilder(synth.layout, SIZE, augment=True, seed=SEED)
+    with (LocalLoader(synth, "train", BATCH, builder, workers=0, shuffle_base=SEED * 100003, drop_last=True) as l0,
+          LocalLoader(synth, "train", BATCH, builder, workers=2, shuffle_base=SEED * 100003, drop_last=True) as l2):
+        assert len(l0) == len(l2) == n // BATCH
+        dropped = {e: [list(l0.epoch(e)), list(l2.epoch(e))] for e in (0, 1)}
+    kept = _epochs(synth, 0, [0, 1])
+    for epoch, (in_process, workers) in dropped.items():
+        assert len(in_process) == n // BATCH and all(len(b["image"]) == BATCH for b in in_process)
+        assert _same(in_process, workers) and _same(in_process, kept[epoch][: n // BATCH])
+        rows = iter_local_rows(synth, "train", BATCH, shuffle_seed=SEED * 100003 + epoch, drop_last=True)
+        assert _same([builder(r, epoch) for r in rows], in_process)
+    every = {e: {i for b in _sample_ids(synth, e, False) for i in b} for e in (0, 1)}
+    left_out = {e: every[e] - {i for b in _sample_ids(synth, e, True) for i in b} for e in (0, 1)}
+    assert len(left_out[0]) == len(left_out[1]) == n % BATCH and left_out[0] != left_out[1]
+
+
+def test_drop_last_refuses_a_split_smaller_than_one_batch(synth: Manifest) -> None:
+    from flare.platform.config import ConfigError
+    from flare.platform.ray_train import check_job
+
+    builder = BatchBuilder(synth.layout, SIZE, augment=False)
+    with pytest.raises(ValueError, match=r"data.drop_last: split 'train' .* fewer than one batch"):
+        LocalLoader(synth, "train", synth.count("train") + 1, builder, drop_last=True)
+    base = [f"data.manifest={synth.path}", "data.drop_last=true", "optimizer.batch_size=8"]
+    with pytest.raises(ConfigError, match=r"data.drop_last: the 'train' split .* has 5 faces, fewer than one batch"):
+        check_job(load_job(ROOT / "jobs" / "tiny.yaml", [*base, "data.max_train_samples=5"]))
+    check_job(load_job(ROOT / "jobs" / "tiny.yaml", [*base, "data.max_train_samples=8"]))  # one full batch: fine
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_local_training_drops_the_remainder_only_when_asked(synth: Manifest, tmp_path: Path, workers: int) -> None:
+    trained = {}
+    for drop in (False, True):
+        job = load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={synth.path}", f"data.loader_workers={workers}",
+                                                     "data.max_train_samples=10", "data.max_val_samples=4",
+                                                     "optimizer.epochs=1", "optimizer.batch_size=4",
+                                                     f"data.drop_last={str(drop).lower()}"])
+        session = train_local(job, tmp_path / f"run_{drop}", device="cpu")
+        trained[drop] = session.reports[0]["train_images"]
+    assert trained == {False: 10, True: 8}
+
+
+def test_starting_the_loader_leaves_the_global_random_state_alone(synth: Manifest) -> None:
+    """The training loop starts the loader before it builds the model: the model's initial weights must not
+    depend on it (a DataLoader draws its workers' base seed from torch's global generator unless given one)."""
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    with LocalLoader(synth, "train", BATCH, BatchBuilder(synth.layout, SIZE, augment=False), workers=1) as loader:
+        next(loader.epoch(0))
+        assert torch.equal(torch.rand(4), expected)
+
+
+def test_loader_workers_start_while_the_model_is_built(synth: Manifest, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first epoch's batches are asked for before the model is built, so the workers' start-up (a few
+    seconds on a GPU host: processes, imports, the shards) overlaps the model build and device set-up."""
+    import multiprocessing
+
+    from flare.platform import train_loop
+
+    real, alive = train_loop.build_model, []
+
+    def build_model(*args: object, **kwargs: object) -> torch.nn.Module:
+        alive.append(len(multiprocessing.active_children()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "build_model", build_model)
+    job = load_job(ROOT / "jobs" / "tiny.yaml", [f"data.manifest={synth.path}", "data.loader_workers=2",
+                                                 "data.max_train_samples=8", "data.max_val_samples=4",
+                                                 "optimizer.epochs=1", "optimizer.batch_size=4"])
+    train_local(job, tmp_path / "run", device="cpu")
+    assert alive == [2]

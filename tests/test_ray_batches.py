@@ -56,3 +56,21 @@ def test_a_stream_refuses_a_skipped_epoch(small_300w: Path, ray_cluster) -> None
     with pytest.raises(RuntimeError, match=r"expected \(2, 0\), got \(1, 0\)"):
         next(side.epoch(2))
     side.close()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_drop_last_ranks_train_full_batches_of_the_single_process_path(small_300w: Path, world_size: int) -> None:
+    manifest = load_manifest(small_300w)
+    builder = BatchBuilder(manifest.layout, 64, augment=True, seed=SEED, compact=True)
+    with LocalLoader(manifest, "train", BATCH, builder, workers=0, limit=LIMIT, shuffle_base=SEED * 100003,
+                     drop_last=True) as loader:
+        single = list(loader.epoch(1))
+    assert len(single) == LIMIT // BATCH  # 4 full batches; the 4 faces left over are not trained on
+    ranks = [list(RankBatches(manifest, "train", BATCH, builder, r, world_size, limit=LIMIT,
+                              shuffle_base=SEED * 100003, actors=0, last_epoch=1, drop_last=True).epoch(1))
+             for r in range(world_size)]
+    assert [len(r) for r in ranks] == [LIMIT // BATCH // world_size] * world_size
+    for r, batches in enumerate(ranks):
+        assert all(len(b["image"]) == BATCH for b in batches)
+        for b, want in zip(batches, single[r::world_size], strict=True):
+            assert all(torch.equal(b[k], want[k]) for k in b)
