@@ -180,6 +180,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, peak_tflops: float | None
                      + (f" {r['error']}" if "error" in r else "") + "\n")
     table = head + "".join(lines) + (f"\nMFU: training FLOPs (3 x forward, torch's counter) x images/s over "
                                      f"{peak_tflops:g} TFLOP/s dense bf16.\n" if peak_tflops else "")
+    table += ("fp32: PyTorch's default fp32, cudnn convolutions in TF32 "
+              f"(torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}); the variants table's "
+              "fp32_strict turns TF32 off.\n")
     (out / "throughput.md").write_text(table)
     return table
 
@@ -280,7 +283,10 @@ def environment(device: torch.device, manifest: Manifest) -> dict[str, Any]:
             "cpus": os.cpu_count(), "pydantic": pydantic.VERSION, "dev_shm_mb": shm.total / 2**20 if shm else None,
             "manifest": str(manifest.path), "train_count": manifest.count("train"),
             "ray_imported": "ray" in sys.modules, "mlflow_imported": "mlflow" in sys.modules,
-            "gpu_state_at_start": gpu_state() if device.type == "cuda" else None}
+            "gpu_state_at_start": gpu_state() if device.type == "cuda" else None,
+            # fp32 rows: PyTorch's defaults run cudnn convolutions in TF32 (tensor cores), matmuls in IEEE fp32
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def compiled_case(spec: str, mode: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Each variant is the same function with the same weights (the bench checks the ou
 code (``current``) against the implementation it replaced, e.g. ``coordconv_concat`` (one convolution over
 the concatenation [x, coordinate channels], method.md 3.4 as written) against the split CoordConv, whose
 coordinate share is computed once per forward, and (CUDA only) ``fp32_eager``, the same model in fp32 and
-NCHW against the bf16 + channels_last fast path. Rounds interleave the variants (A B, B A, ...) so that a
+NCHW against the bf16 + channels_last fast path (PyTorch's default fp32: cudnn convolutions in TF32), and
+``fp32_strict``, the same with TF32 off. Rounds interleave the variants (A B, B A, ...) so that a
 drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
 
 Only the model's forward and backward are timed (a fixed random input and a fixed weighting of every
@@ -71,9 +72,26 @@ def fp32_eager(step: ModelStep | None) -> Iterator[None]:
         step.model.to(memory_format=torch.channels_last)
 
 
+@contextlib.contextmanager
+def fp32_strict(step: ModelStep | None) -> Iterator[None]:
+    """``fp32_eager`` with TF32 off: PyTorch's default fp32 runs cudnn convolutions in TF32 on Ampere and later
+    (``torch.backends.cudnn.allow_tf32``), so ``fp32_eager`` already uses tensor cores for them; this is IEEE
+    fp32 throughout, the other reading of the issue's fp32 baseline (CUDA only)."""
+    if step is None:
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with fp32_eager(step):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 VARIANTS: dict[str, Callable[[ModelStep | None], contextlib.AbstractContextManager[None]]] = {
-    "current": current, "coordconv_concat": coordconv_concat, "fp32_eager": fp32_eager}
-CUDA_ONLY = ("fp32_eager",)  # on CPU the step is fp32 already
+    "current": current, "coordconv_concat": coordconv_concat, "fp32_eager": fp32_eager, "fp32_strict": fp32_strict}
+CUDA_ONLY = ("fp32_eager", "fp32_strict")  # on CPU the step is fp32 already
 
 
 class ModelStep:

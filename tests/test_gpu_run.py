@@ -145,6 +145,21 @@ def test_the_fp32_variant_switches_precision_and_layout_and_restores_them() -> N
     assert step.model.hgs[0].up1.conv2.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_strict_fp32_variant_turns_tf32_off_and_restores_it() -> None:
+    """``fp32_strict`` is ``fp32_eager`` with TF32 off (PyTorch's default fp32 runs cudnn convolutions in TF32),
+    and leaves the flags as it found them."""
+    from flare.bench.model_variants import JOBS, ModelStep, fp32_strict
+    from flare.platform.config import load_job
+
+    step = ModelStep(load_job(JOBS / "tiny.yaml", []), 2, torch.device("cpu"))
+    step.bf16 = True
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with fp32_strict(step):
+        assert not step.bf16 and not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        step()
+    assert step.bf16 and (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_throughput_rows_count_the_images_of_the_epochs_short_last_batch(small_300w: Path) -> None:
     """A row's images/s counts the images it trained on: with 20 training faces in batches of 8, every epoch
     is 8 + 8 + 4, so any 3 consecutive timed steps hold 20 images, not 3 x 8."""
