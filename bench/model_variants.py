@@ -3,7 +3,9 @@
 Each variant is the same function with the same weights (the bench checks the outputs agree): today's
 code (``current``) against the implementation it replaced, e.g. ``coordconv_concat`` (one convolution over
 the concatenation [x, coordinate channels], method.md 3.4 as written) against the split CoordConv, whose
-coordinate share is computed once per forward, and (CUDA only) ``fp32_eager``, the same model in fp32 and
+coordinate share is computed once per forward, and (CUDA only) ``pointwise_cudnn`` (every 1x1 convolution as
+cudnn's Conv2d plus a separate bias pass, against one matrix product with the bias in its epilogue),
+``fp32_eager``, the same model in fp32 and
 NCHW against the bf16 + channels_last fast path (PyTorch's default fp32: cudnn convolutions in TF32), and
 ``fp32_strict``, the same with TF32 off. Rounds interleave the variants (A B, B A, ...) so that a
 drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from flare.bench.step_timing import sync
-from flare.models.hourglass import CoordConv
+from flare.models.hourglass import ConvBlock, CoordConv
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model
 from flare.platform.config import JobConfig, load_job
@@ -45,14 +47,26 @@ def current(step: ModelStep | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def coordconv_concat(step: ModelStep | None) -> Iterator[None]:
-    """CoordConv as one convolution over the concatenation (before 2026-11-27 in training too)."""
-    forward = CoordConv.forward
-    CoordConv.forward = CoordConv.reference  # type: ignore[method-assign]
+def forward_as_reference(cls: type[torch.nn.Module]) -> Iterator[None]:
+    """``cls.forward`` replaced by ``cls.reference`` (the implementation it replaced) while inside."""
+    forward = cls.forward
+    cls.forward = cls.reference  # type: ignore[method-assign, attr-defined]
     try:
         yield
     finally:
-        CoordConv.forward = forward  # type: ignore[method-assign]
+        cls.forward = forward  # type: ignore[method-assign]
+
+
+def coordconv_concat(step: ModelStep | None) -> contextlib.AbstractContextManager[None]:
+    """CoordConv as one convolution over the concatenation (before 2026-11-27 in training too)."""
+    return forward_as_reference(CoordConv)
+
+
+def pointwise_cudnn(step: ModelStep | None) -> contextlib.AbstractContextManager[None]:
+    """Every 1x1 convolution as cudnn's Conv2d with its separate bias pass (before session 13),
+    instead of one matrix product with the bias in its epilogue (``hourglass.pointwise_conv``; channels_last
+    only, so CUDA)."""
+    return forward_as_reference(ConvBlock)
 
 
 @contextlib.contextmanager
@@ -90,8 +104,10 @@ def fp32_strict(step: ModelStep | None) -> Iterator[None]:
 
 
 VARIANTS: dict[str, Callable[[ModelStep | None], contextlib.AbstractContextManager[None]]] = {
-    "current": current, "coordconv_concat": coordconv_concat, "fp32_eager": fp32_eager, "fp32_strict": fp32_strict}
-CUDA_ONLY = ("fp32_eager", "fp32_strict")  # on CPU the step is fp32 already
+    "current": current, "coordconv_concat": coordconv_concat, "pointwise_cudnn": pointwise_cudnn,
+    "fp32_eager": fp32_eager, "fp32_strict": fp32_strict}
+# on CPU the step is fp32 NCHW already (the pointwise path needs channels_last)
+CUDA_ONLY = ("pointwise_cudnn", "fp32_eager", "fp32_strict")
 
 
 class ModelStep:
@@ -142,9 +158,10 @@ def differences(job: JobConfig, names: list[str]) -> tuple[dict[str, float], flo
     variant's, in float64 on CPU (batch 2; in fp32 or bf16 a rounding difference can flip a boundary-mask
     pixel of method.md 3.4 and show a large difference), and the outputs' largest magnitude."""
     torch.manual_seed(0)
-    model = build_model(job, get_layout(job.model.layout)).double().train()
+    cl = torch.channels_last  # the fast path's layout, which the pointwise variant needs
+    model = build_model(job, get_layout(job.model.layout)).double().train().to(memory_format=cl)
     s = job.data.input_size
-    x = torch.randn(2, 3, s, s, dtype=torch.float64)
+    x = torch.randn(2, 3, s, s, dtype=torch.float64).contiguous(memory_format=cl)
     outs: dict[str, torch.Tensor] = {}
     for name in names:
         with VARIANTS[name](None), torch.no_grad():

@@ -179,3 +179,14 @@ def test_throughput_rows_count_the_images_of_the_epochs_short_last_batch(small_3
         loaders.close()
     assert row["images"] == 20
     assert abs(row["images_per_s"] * row["step_s"] * 3 - 20) < 1e-6
+
+
+def test_every_model_variant_computes_the_same_function() -> None:
+    """bench/model_variants.py's float64 check: each swapped-back implementation (run in the fast path's
+    channels_last layout, where the pointwise 1x1 convolutions apply) gives the outputs of today's code."""
+    from flare.bench.model_variants import JOBS, VARIANTS, differences
+    from flare.platform.config import load_job
+
+    diffs, scale = differences(load_job(JOBS / "tiny.yaml", []), list(VARIANTS))
+    assert scale > 0.1 and set(diffs) == set(VARIANTS)
+    assert all(d <= 1e-10 * scale for d in diffs.values()), diffs

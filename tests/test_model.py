@@ -10,6 +10,7 @@ import torch
 
 from flare.models.hourglass import (
     BOUNDARY_THRESHOLD,
+    ConvBlock,
     CoordConv,
     Residual,
     StackedHourglass,
@@ -261,3 +262,67 @@ def test_coordconv_refuses_a_wrong_width():
     conv = CoordConv(6, 8, 1)
     with pytest.raises(ValueError, match="expects 6 input channels, got 5"):
         conv(torch.zeros(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize(("cin", "cout", "bn"), [(8, 16, False), (16, 8, True), (6, 68, False)])
+def test_pointwise_conv_equals_the_convolution(cin, cout, bn):
+    """A 1x1 ConvBlock on a channels_last input in training (one matrix product over the pixels, the bias in its
+    epilogue) is the same function, with the same gradients, as its Conv2d (ConvBlock.reference); the output
+    stays channels_last; eval mode and NCHW inputs run the Conv2d."""
+    torch.manual_seed(0)
+    block = ConvBlock(cin, cout, 1, bn=bn, relu=bn).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, cin, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    outs, grads = [], []
+    for fn in (block, block.reference):
+        block.zero_grad()
+        x.grad = None
+        out = fn(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    def ops(fn, inp):
+        seen = []
+
+        class Log(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        with Log(), torch.no_grad():
+            fn(inp)
+        return seen
+
+    trained = ops(block, x)
+    assert "addmm" in trained and "convolution" not in trained
+    if not bn:  # (batch norm counts its batches with an add_)
+        assert not {"add", "add_"} & set(trained)  # the bias is added inside the matrix product
+    assert "convolution" in ops(block, x.contiguous())  # NCHW input: the Conv2d
+    block.eval()
+    assert "convolution" in ops(block, x)  # eval: the Conv2d (export, int8)
+
+
+def test_model_with_pointwise_convs_computes_the_same_function(monkeypatch):
+    """The model in training on channels_last input, its 1x1 convolutions as matrix products, against the same
+    weights and input with every convolution a Conv2d: outputs and gradients, float64. (Gradients are compared
+    on the scale of the largest: a conv bias in front of batch norm has a zero gradient up to rounding.)"""
+    torch.manual_seed(0)
+    model = stacked_hourglass(W300_68, **SMALL).double().train().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for reference in (False, True):
+        if reference:
+            monkeypatch.setattr(ConvBlock, "forward", ConvBlock.reference)
+        model.zero_grad()
+        outs = model(x)
+        sum((o.fused * (k + 1)).sum() + o.heatmaps.sum() for k, o in enumerate(outs)).backward()
+        results.append(([o.fused.detach() for o in outs], [p.grad.clone() for p in model.parameters()]))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    scale = max(float(g.abs().max()) for g in results[1][1])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)

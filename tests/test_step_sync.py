@@ -50,11 +50,12 @@ def test_a_training_step_builds_no_tensor_from_host_data(small_300w: Path, overr
     with LocalLoader(manifest, "train", 4, builder, workers=0, limit=8, shuffle_base=0) as loader:
         batches = list(loader.epoch(0))
     torch.manual_seed(0)
-    model = build_model(job, manifest.layout)
+    # channels_last as on CUDA (the 1x1 convolutions then run as matrix products)
+    model = build_model(job, manifest.layout).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=job.optimizer.lr, fused=True)  # as make_optimizer on CUDA
     step = TrainStep(model, model, objective_from_config(job.objective), opt,
                      Ema(model, job.ema.decay), torch.Generator().manual_seed(0), job.data.input_size,
-                     job.optimizer.grad_clip)
+                     job.optimizer.grad_clip, channels_last=True)
     step(batches[0])  # the first step may set up constants
     with HostData() as mode:
         terms = step(batches[1])
