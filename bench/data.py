@@ -38,7 +38,14 @@ import pyarrow.parquet as pq
 import torch
 
 from flare.datasets.augment import AugmentConfig, augment_sample, heatmap_matrix, to_tensor_image
-from flare.datasets.ingest import BatchBuilder, Manifest, decode_row, iter_local_rows, load_manifest
+from flare.datasets.ingest import (
+    TRAIN_KEYS,
+    BatchBuilder,
+    Manifest,
+    decode_row,
+    iter_local_rows,
+    load_manifest,
+)
 from flare.datasets.prepare import PrepareOptions, prepare
 from flare.datasets.shards import LOOSE_FACTOR
 from flare.datasets.targets import edge_heatmaps, point_heatmaps
@@ -223,7 +230,7 @@ def loader_scaling(manifest: Manifest, split: str, batch: int, rounds: int,
     workers, then ``rounds`` rounds time one epoch of each count in turn (side by side, same host load)."""
     from flare.platform.local_loader import LocalLoader
 
-    builder = BatchBuilder(manifest.layout, SIZE, augment=True, seed=0, compact=True)  # as training builds them
+    builder = BatchBuilder(manifest.layout, SIZE, augment=True, seed=0, compact=True, keys=TRAIN_KEYS)  # as training
     loaders = {w: LocalLoader(manifest, split, batch, builder, workers=w, shuffle_base=0) for w in workers}
     seconds = dict.fromkeys(workers, 0.0)
     samples = dict.fromkeys(workers, 0)

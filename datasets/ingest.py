@@ -130,6 +130,11 @@ def decode_row(row: dict, layout: Layout) -> dict[str, Any]:
     }
 
 
+# what a training step reads (TrainStep, expand_batch, the objectives); validation also needs to_original and
+# landmarks_original
+TRAIN_KEYS = ("image", "landmarks", "landmarks_crop", "edge_targets", "cov")
+
+
 class BatchBuilder:
     """Rows -> tensors for the model and the objectives.
 
@@ -141,11 +146,14 @@ class BatchBuilder:
     """
 
     def __init__(self, layout: Layout, input_size: int, augment: bool, seed: int = 0,
-                 config: AugmentConfig | None = None, compact: bool = False) -> None:
+                 config: AugmentConfig | None = None, compact: bool = False,
+                 keys: Sequence[str] | None = None) -> None:
         """``compact``: what a loader process hands over is ~10x smaller: ``image`` uint8 (B,3,S,S) BGR,
         ``edge_targets`` uint8 (value x 255, rounded) and no ``point_targets``; :func:`expand_batch` turns
-        it into the full batch on the training device (the point maps are drawn there)."""
+        it into the full batch on the training device (the point maps are drawn there). ``keys``: only these
+        outputs (training batches: :data:`TRAIN_KEYS`, fewer tensors between processes and to the device)."""
         self.layout, self.size, self.seed, self.compact = layout, input_size, seed, compact
+        self.keys = None if keys is None else tuple(keys)
         self.augment = augment
         self.config = (config or AugmentConfig()) if augment else AugmentConfig.off()
 
@@ -186,6 +194,9 @@ class BatchBuilder:
             out["landmarks_original"].append(apply_affine(arr["landmarks"], arr["matrix"]))
         if self.compact:
             del out["point_targets"]
+        if self.keys is not None:
+            out = {k: v for k, v in out.items() if k in self.keys}
+        if self.compact:
             return {k: torch.from_numpy(np.stack(v)) if k in ("image", "edge_targets") else
                     torch.as_tensor(np.stack(v), dtype=torch.float64 if k == "to_original" else torch.float32)
                     for k, v in out.items()}

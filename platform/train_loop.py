@@ -28,6 +28,7 @@ from torch import nn
 
 from flare.datasets.crop_prior import manifest_crop_prior
 from flare.datasets.ingest import (
+    TRAIN_KEYS,
     BatchBuilder,
     Manifest,
     expand_batch,
@@ -254,7 +255,8 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
     start_epoch = int(state["epoch"]) + 1 if state is not None else 0
     per_worker = job.optimizer.batch_size // session.world_size
     # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
-    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True)
+    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True,
+                           keys=TRAIN_KEYS)
     # asked for now, so that loader workers (--no-ray) start and build the first batches while the model is built
     first_batches = session.train_batches(start_epoch, per_worker, builder) if start_epoch < job.optimizer.epochs else None
     model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)

@@ -203,3 +203,15 @@ def test_loader_workers_start_while_the_model_is_built(synth: Manifest, tmp_path
                                                  "optimizer.epochs=1", "optimizer.batch_size=4"])
     train_local(job, tmp_path / "run", device="cpu")
     assert alive == [2]
+
+
+def test_training_batches_carry_only_what_a_step_reads(synth: Manifest) -> None:
+    """``keys=TRAIN_KEYS``: the same tensors as the full compact batch, without validation's ``to_original`` and
+    ``landmarks_original`` (fewer tensors handed between processes and copied to the device every step)."""
+    from flare.datasets.ingest import TRAIN_KEYS
+
+    rows = next(iter_local_rows(synth, "train", BATCH))
+    full = BatchBuilder(synth.layout, SIZE, augment=True, seed=SEED, compact=True)(rows, 1)
+    train = BatchBuilder(synth.layout, SIZE, augment=True, seed=SEED, compact=True, keys=TRAIN_KEYS)(rows, 1)
+    assert set(train) == set(TRAIN_KEYS) and {"to_original", "landmarks_original"} <= set(full) - set(train)
+    assert all(torch.equal(train[k], full[k]) for k in train)
