@@ -38,18 +38,21 @@ def pointwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def is_pointwise(conv: nn.Conv2d, x: Tensor) -> bool:
-    """``conv`` is a plain 1x1 convolution and ``x`` is channels_last (the CUDA fast path's layout)."""
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-            and conv.dilation == (1, 1) and conv.groups == 1 and x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous())
+def is_pointwise(conv: nn.Module, x: Tensor) -> bool:
+    """``conv`` is a plain 1x1 ``nn.Conv2d`` (not a subclass: quantized, QAT or fused modules keep their own
+    forward) and ``x`` is channels_last, the layout only the training loop's CUDA fast path uses (its steps and
+    validation; inference and export feed NCHW)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and x.dim() == 4
+            and x.permute(0, 2, 3, 1).is_contiguous())
 
 
 class ConvBlock(nn.Module):
     """Conv (bias, 'same' padding for odd k) -> optional BN -> optional ReLU. Keys: ``conv``, ``bn``.
 
-    In training, a 1x1 convolution of a channels_last input runs as :func:`pointwise_conv` (the same function
-    and weights, the bias fused into the matrix product); eval mode runs :meth:`reference`, the ``Conv2d``, so
-    inference, export and int8 quantization see the module they expect.
+    A 1x1 convolution of a channels_last input runs as :func:`pointwise_conv` (the same function and weights,
+    the bias fused into the matrix product); NCHW inputs (inference, export) and swapped-in conv modules (int8
+    quantization) run :meth:`reference`, the module itself.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -61,7 +64,7 @@ class ConvBlock(nn.Module):
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and is_pointwise(self.conv, x)):
+        if not is_pointwise(self.conv, x):
             return self.reference(x)
         return self._finish(pointwise_conv(x, self.conv))
 

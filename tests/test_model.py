@@ -266,9 +266,9 @@ def test_coordconv_refuses_a_wrong_width():
 
 @pytest.mark.parametrize(("cin", "cout", "bn"), [(8, 16, False), (16, 8, True), (6, 68, False)])
 def test_pointwise_conv_equals_the_convolution(cin, cout, bn):
-    """A 1x1 ConvBlock on a channels_last input in training (one matrix product over the pixels, the bias in its
-    epilogue) is the same function, with the same gradients, as its Conv2d (ConvBlock.reference); the output
-    stays channels_last; eval mode and NCHW inputs run the Conv2d."""
+    """A 1x1 ConvBlock on a channels_last input (one matrix product over the pixels, the bias in its epilogue)
+    is the same function, with the same gradients, as its Conv2d (ConvBlock.reference), in training and eval;
+    the output stays channels_last; NCHW inputs and conv modules of another type (int8, QAT) run the module."""
     torch.manual_seed(0)
     block = ConvBlock(cin, cout, 1, bn=bn, relu=bn).double().to(memory_format=torch.channels_last)
     x = torch.randn(3, cin, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -301,9 +301,16 @@ def test_pointwise_conv_equals_the_convolution(cin, cout, bn):
     assert "addmm" in trained and "convolution" not in trained
     if not bn:  # (batch norm counts its batches with an add_)
         assert not {"add", "add_"} & set(trained)  # the bias is added inside the matrix product
-    assert "convolution" in ops(block, x.contiguous())  # NCHW input: the Conv2d
-    block.eval()
-    assert "convolution" in ops(block, x)  # eval: the Conv2d (export, int8)
+    assert "convolution" in ops(block, x.contiguous())  # NCHW input (inference, export): the Conv2d
+    block.eval()  # validation on the CUDA fast path: channels_last, as in training
+    assert "addmm" in ops(block, x) and "convolution" not in ops(block, x)
+    torch.testing.assert_close(block(x), block.reference(x), rtol=1e-12, atol=1e-12)
+
+    class Swapped(torch.nn.Conv2d):  # e.g. a quantization-aware or fused conv put in its place
+        pass
+
+    block.conv = Swapped(cin, cout, 1).double().to(memory_format=torch.channels_last)
+    assert "convolution" in ops(block, x)
 
 
 def test_model_with_pointwise_convs_computes_the_same_function(monkeypatch):
