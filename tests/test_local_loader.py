@@ -159,6 +159,22 @@ def test_drop_last_refuses_a_split_smaller_than_one_batch(synth: Manifest) -> No
     check_job(load_job(ROOT / "jobs" / "tiny.yaml", [*base, "data.max_train_samples=8"]))  # one full batch: fine
 
 
+
+def test_flare_train_refuses_drop_last_on_a_split_smaller_than_a_batch(synth: Manifest, tmp_path: Path) -> None:
+    """The command line: one line naming the key, exit code 2, and no run folder written."""
+    from typer.testing import CliRunner
+
+    from flare.platform.cli import app
+
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "tiny", "--no-ray", "--run-dir", str(run_dir),
+                                   "--set", f"data.manifest={synth.path}", "--set", "data.drop_last=true",
+                                   "--set", "data.max_train_samples=5", "--set", "optimizer.batch_size=8"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().startswith("error: data.drop_last:") and len(res.output.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_local_training_drops_the_remainder_only_when_asked(synth: Manifest, tmp_path: Path, workers: int) -> None:
     trained = {}
