@@ -32,9 +32,13 @@ def pointwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     and the bias is added in the GEMM's epilogue (``addmm``, cuBLASLt on CUDA) instead of a separate pass.
     That pass, a per-channel broadcast add on a channels_last output, ran as a slow generic kernel on the
     H200 (0.38 ms per 128 x 256 x 64 x 64 output, 30 a step; bench/results/gpu/2026-11-27_h200/profile.txt).
-    The result is channels_last."""
+    The result is channels_last. The weight matrix is an ``as_strided`` view of the whole parameter, not a
+    reshape: its backward then gives the gradient the parameter's own strides, size-1 dimensions included, as
+    cudnn's did (DDP compares every stride with its gradient buckets' and warns on a mismatch)."""
     n, c, h, w = x.shape
-    y = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), conv.weight.flatten(1), conv.bias)
+    weight = conv.weight
+    matrix = weight.as_strided((weight.shape[0], c), weight.stride()[:2], weight.storage_offset())
+    y = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), matrix, conv.bias)
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 

@@ -281,6 +281,10 @@ def test_pointwise_conv_equals_the_convolution(cin, cout, bn):
         outs.append(out.detach())
         grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
     assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    # the weight's gradient has the parameter's strides, size-1 dimensions too (DDP's bucket contract)
+    block.zero_grad(set_to_none=True)
+    block(x).sum().backward()
+    assert block.conv.weight.grad.stride() == block.conv.weight.stride() == (cin, 1, cin, cin)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -328,6 +332,9 @@ def test_model_with_pointwise_convs_computes_the_same_function(monkeypatch):
         outs = model(x)
         sum((o.fused * (k + 1)).sum() + o.heatmaps.sum() for k, o in enumerate(outs)).backward()
         results.append(([o.fused.detach() for o in outs], [p.grad.clone() for p in model.parameters()]))
+        if not reference:  # every ConvBlock weight's gradient has its parameter's strides (DDP's bucket contract)
+            assert [n for m_name, m in model.named_modules() if isinstance(m, ConvBlock)
+                    for n, p in [(m_name, m.conv.weight)] if p.grad.stride() != p.stride()] == []
     for a, b in zip(results[0][0], results[1][0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     scale = max(float(g.abs().max()) for g in results[1][1])
