@@ -42,6 +42,23 @@ def pointwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+class _GradLikeParam(torch.autograd.Function):
+    """Identity whose backward hands the gradient back with the input's own strides (a copy when they differ):
+    the gradient of a weight used through several slices is summed with contiguous strides, which for a
+    channels_last 1x1 weight differ from the parameter's in the size-1 dims, and DDP warns on that."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, weight: Tensor) -> Tensor:
+        ctx.stride = weight.stride()
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        if grad.stride() == ctx.stride:
+            return grad
+        return torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def is_pointwise(conv: nn.Module, x: Tensor) -> bool:
     """``conv`` is a plain 1x1 ``nn.Conv2d`` (not a subclass: quantized, QAT or fused modules keep their own
     forward) and ``x`` is channels_last, the layout only the training loop's CUDA fast path uses (its steps and
@@ -163,6 +180,7 @@ class CoordConv(nn.Module):
         if not self.training:
             return self.reference(x, boundary_heat)
         ramps = coord_channels(x[:1])  # (1, 3, H, W): the same for every image
+        w = _GradLikeParam.apply(w)  # its slices' summed gradient gets the parameter's strides back
         out = F.conv2d(x, w[:, :c], None, conv.stride, conv.padding)
         out = out + F.conv2d(ramps, w[:, c:c + 3], conv.bias, conv.stride, conv.padding)
         if boundary_heat is not None:
