@@ -38,12 +38,19 @@ import torch
 
 from flare.bench.gpu_model import keep
 from flare.bench.step_timing import WARMUP_MAX_S, profile_steps, step_times, warm_up
-from flare.datasets.ingest import TRAIN_KEYS, BatchBuilder, Manifest, load_manifest
+from flare.datasets.ingest import Manifest, load_manifest
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import JobConfig, load_job
 from flare.platform.ema import Ema
 from flare.platform.local_loader import LocalLoader, WaitClock
-from flare.platform.train_loop import TrainStep, compiled_forward, compiled_objective, make_optimizer
+from flare.platform.train_loop import (
+    TrainStep,
+    compiled_forward,
+    compiled_objective,
+    make_optimizer,
+    train_builder,
+    train_loader,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -71,11 +78,8 @@ class Loaders:
     def get(self, job: JobConfig, batch: int) -> LocalLoader:
         key = (job.data.input_size, job.data.augment, job.seed, batch, job.data.max_train_samples, job.data.drop_last)
         if key not in self.open:
-            builder = BatchBuilder(self.manifest.layout, job.data.input_size, augment=job.data.augment, seed=job.seed,
-                                   compact=True, keys=TRAIN_KEYS)
-            self.open[key] = LocalLoader(self.manifest, job.data.train_split, batch, builder, workers=self.workers,
-                                         limit=job.data.max_train_samples, shuffle_base=job.seed * 100003,
-                                         pin_memory=self.pin, drop_last=job.data.drop_last)
+            self.open[key] = train_loader(self.manifest, job, batch, train_builder(job, self.manifest.layout),
+                                          self.workers, self.pin)
         return self.open[key]
 
     def close(self) -> None:

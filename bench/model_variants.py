@@ -5,10 +5,9 @@ code (``current``) against the implementation it replaced, e.g. ``coordconv_conc
 the concatenation [x, coordinate channels], method.md 3.4 as written) against the split CoordConv, whose
 coordinate share is computed once per forward, and (CUDA only) ``pointwise_cudnn`` (every 1x1 convolution as
 cudnn's Conv2d plus a separate bias pass, against one matrix product with the bias in its epilogue),
-``fp32_eager``, the same model in fp32 and
-NCHW against the bf16 + channels_last fast path (PyTorch's default fp32: cudnn convolutions in TF32), and
-``fp32_strict``, the same with TF32 off. Rounds interleave the variants (A B, B A, ...) so that a
-drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
+``fp32_eager`` (the same model in fp32 and NCHW against the bf16 + channels_last fast path; PyTorch's default
+fp32, cudnn convolutions in TF32) and ``fp32_strict`` (the same with TF32 off). Rounds interleave the
+variants (A B, B A, ...) so that a drifting clock (a GPU's first minutes, a busy CPU) biases neither, and the figure is the ratio of medians.
 
 Only the model's forward and backward are timed (a fixed random input and a fixed weighting of every
 stack's outputs), not the data path, the objective or the optimiser: the step's model part, where these

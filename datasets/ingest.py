@@ -89,19 +89,16 @@ def iter_local_rows(
     shuffle_seed: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-    drop_last: bool = False,
 ) -> Iterator[list[dict]]:
     """Batches of rows (dicts) of ``split`` without Ray: optionally shuffled by ``shuffle_seed``,
-    the first ``limit`` rows only, and the ``rank``-th of ``world_size`` interleaved shards; ``drop_last``:
-    full batches only (the epoch's smaller remainder is left out)."""
+    the first ``limit`` rows only, and the ``rank``-th of ``world_size`` interleaved shards."""
     table = pq.read_table(manifest.shard_paths(split))
     n = table.num_rows if limit is None else min(limit, table.num_rows)
     order = np.arange(n)
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(n)
     order = order[rank::world_size]
-    end = len(order) - len(order) % batch_size if drop_last else len(order)
-    for i in range(0, end, batch_size):
+    for i in range(0, len(order), batch_size):
         yield table.take(order[i : i + batch_size]).to_pylist()
 
 

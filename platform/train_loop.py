@@ -51,7 +51,7 @@ from flare.platform.checkpoints import (
 )
 from flare.platform.config import JobConfig, OptimizerConfig, parse_job
 from flare.platform.ema import Ema
-from flare.platform.local_loader import LocalLoader, WaitClock, batch_count
+from flare.platform.local_loader import LocalLoader, WaitClock
 from flare.platform.predictor import Predictor
 
 VAL_METRIC = "val_nme"
@@ -229,6 +229,22 @@ def compiled_objective(objective: nn.Module, on: bool) -> nn.Module:
     return torch.compile(objective, dynamic=False) if on else objective
 
 
+def train_builder(job: JobConfig, layout: Layout) -> BatchBuilder:
+    """How training batches are built: compact (uint8 image and edges; the point maps are drawn on the device)
+    and only what a step reads (``TRAIN_KEYS``), so little crosses processes and reaches the device."""
+    return BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True,
+                        keys=TRAIN_KEYS)
+
+
+def train_loader(manifest: Manifest, job: JobConfig, batch_size: int, builder: BatchBuilder, workers: int,
+                 pin_memory: bool) -> LocalLoader:
+    """``job``'s training batches without Ray, built by ``workers`` processes (0: in this one); the same order
+    as the Ray path's (shuffle base ``seed * 100003``), ``data.drop_last`` applied."""
+    return LocalLoader(manifest, job.data.train_split, batch_size, builder, workers=workers,
+                       limit=job.data.max_train_samples, shuffle_base=job.seed * 100003, pin_memory=pin_memory,
+                       drop_last=job.data.drop_last)
+
+
 def make_optimizer(model: nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.Adam:
     """Adam (method.md 4.11, 5.10) over ``model``'s parameters; on CUDA the fused kernel (one launch for the
     whole update instead of a few per parameter group), elsewhere PyTorch's default implementation."""
@@ -254,9 +270,7 @@ def train_worker(job_dict: dict[str, Any], session: Session) -> None:
         state = load_checkpoint(restore, map_location=device)[0] if restore is not None else None
     start_epoch = int(state["epoch"]) + 1 if state is not None else 0
     per_worker = job.optimizer.batch_size // session.world_size
-    # compact batches (uint8 image and edges, no point maps) cross processes; the rest is drawn on the device
-    builder = BatchBuilder(layout, job.data.input_size, augment=job.data.augment, seed=job.seed, compact=True,
-                           keys=TRAIN_KEYS)
+    builder = train_builder(job, layout)
     # asked for now, so that loader workers (--no-ray) start and build the first batches while the model is built
     first_batches = session.train_batches(start_epoch, per_worker, builder) if start_epoch < job.optimizer.epochs else None
     model = build_model(job, layout).to(device, memory_format=torch.channels_last if fast else torch.preserve_format)
@@ -402,24 +416,16 @@ class LocalSession:
     def train_batches(self, epoch: int, batch_size: int, builder: BatchBuilder) -> Iterator[dict[str, torch.Tensor]]:
         """Ready batches: built by ``data.loader_workers`` persistent processes, or here when 0; with a
         progress bar within the epoch on a terminal (never in logs)."""
-        workers = self.job.data.loader_workers
-        if workers == 0:
-            batches = (builder(rows, epoch) for rows in self.train_rows(epoch, batch_size))
-        else:
-            if self.loader is None:
-                self.loader = LocalLoader(self.manifest, self.job.data.train_split, batch_size, builder,
-                                          workers=workers, limit=self.job.data.max_train_samples,
-                                          shuffle_base=self.job.seed * 100003, pin_memory=self.device.type == "cuda",
-                                          drop_last=self.job.data.drop_last)
-            batches = self.loader.epoch(epoch)
+        if self.loader is None:
+            self.loader = train_loader(self.manifest, self.job, batch_size, builder, self.job.data.loader_workers,
+                                       pin_memory=self.device.type == "cuda")
+        batches = self.loader.epoch(epoch)
         if not sys.stderr.isatty():
             return batches
         from tqdm import tqdm
 
-        n = self.manifest.count(self.job.data.train_split)
-        n = min(n, self.job.data.max_train_samples or n)
-        return iter(tqdm(batches, total=batch_count(n, batch_size, self.job.data.drop_last), desc=f"epoch {epoch + 1}", unit="batch",
-                         leave=False, dynamic_ncols=True))
+        return iter(tqdm(batches, total=len(self.loader), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
+                         dynamic_ncols=True))
 
     def prune(self, latest: str) -> None:
         """Keep the latest checkpoint and the ``checkpoint.keep_best`` best by val NME, as Ray Train does;
@@ -434,11 +440,6 @@ class LocalSession:
         """Stop the loader's worker processes."""
         if self.loader is not None:
             self.loader.close()
-
-    def train_rows(self, epoch: int, batch_size: int) -> Iterator[list[dict]]:
-        return iter_local_rows(self.manifest, self.job.data.train_split, batch_size,
-                               self.job.data.max_train_samples, shuffle_seed=self.job.seed * 100003 + epoch,
-                               drop_last=self.job.data.drop_last)
 
     def val_rows(self, batch_size: int) -> Iterator[list[dict]]:
         return iter_local_rows(self.manifest, self.job.data.val_split, batch_size, self.job.data.max_val_samples)

@@ -13,13 +13,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flare.datasets.ingest import TRAIN_KEYS, BatchBuilder, load_manifest
+from flare.datasets.ingest import load_manifest
 from flare.models.layouts import get_layout
 from flare.platform.builders import build_model, objective_from_config
 from flare.platform.config import load_job
 from flare.platform.ema import Ema
 from flare.platform.local_loader import LocalLoader
-from flare.platform.train_loop import TrainStep
+from flare.platform.train_loop import TrainStep, train_builder
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 HOST_DATA = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}  # host -> device
@@ -46,8 +46,7 @@ class HostData(TorchDispatchMode):
 def test_a_training_step_builds_no_tensor_from_host_data(small_300w: Path, overrides: list[str]) -> None:
     job = load_job(JOBS / "tiny.yaml", [f"data.manifest={small_300w / 'manifest.json'}", *overrides])
     manifest = load_manifest(job.data.manifest)
-    builder = BatchBuilder(manifest.layout, job.data.input_size, augment=True, seed=0, compact=True,
-                           keys=TRAIN_KEYS)  # what train_worker hands the step
+    builder = train_builder(job, manifest.layout)  # what train_worker hands the step
     with LocalLoader(manifest, "train", 4, builder, workers=0, limit=8, shuffle_base=0) as loader:
         batches = list(loader.epoch(0))
     torch.manual_seed(0)
